@@ -1,0 +1,1 @@
+"""Evaluation engines behind one interface (see base.Backend)."""

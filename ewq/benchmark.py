@@ -1,0 +1,237 @@
+"""One benchmark run: load a variant through a backend, run every metric, write one JSON.
+
+Every variant is measured with the same EvalSettings: the same token windows, MMLU questions,
+prompts, greedy decoding and memory measurement. Results land in
+    <out-dir>/<variant>_<model_hash>_<settings_hash>.json
+so that a re-run replaces its own file and variants with equal settings find each other.
+The original run also writes <...>.logprobs.npy, the reference for every variant's KLD.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from argparse import ArgumentParser
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from pathlib import Path
+
+from . import assets, results, weights
+from .backends.base import Backend
+from .cli import log, non_negative_int, positive_int
+from .data import mmlu as mmlu_data
+from .data import prompts, wiki
+from .errors import UserError
+from .metrics import generation, memory, mmlu, perplexity
+from .metrics.stats import paired_difference
+
+GENSIM_WIKI, WIKITEXT2 = "gensim-wiki", "wikitext2"
+
+
+class Variant(str, Enum):
+    ORIGINAL = "original"
+    EWQ_BNB = "ewq-bnb"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    device: str
+    eval_text: str
+    context: int
+    stride: int
+    ppl_windows: int
+    kld_windows: int
+    mmlu_per_subject: int
+    mmlu_shots: int
+    gen_per_task: int
+    summaries: int
+    max_new_tokens: int
+    seed: int
+
+    @property
+    def window_spec(self) -> perplexity.WindowSpec:
+        return perplexity.WindowSpec(self.context, self.stride, self.ppl_windows, self.kld_windows)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Presets; any flag given explicitly overrides its preset value.
+FULL = dict(eval_text=GENSIM_WIKI, context=512, stride=256, ppl_windows=128, kld_windows=32, mmlu_per_subject=20,
+            mmlu_shots=0, gen_per_task=3, summaries=100, max_new_tokens=128, seed=1234)
+QUICK = dict(FULL, ppl_windows=8, kld_windows=8, mmlu_per_subject=2, mmlu_shots=0, gen_per_task=1, summaries=3,
+             max_new_tokens=32)
+
+
+def add_common_args(parser: ArgumentParser) -> None:
+    parser.add_argument("--model", default=assets.default_model(), help="HF hub id or local model directory")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmark_results"))
+    parser.add_argument("--quick", action="store_true", help="small limits: a smoke run of a few minutes on CPU")
+    group = parser.add_argument_group("evaluation settings (default: full preset; --quick: quick preset)")
+    group.add_argument("--eval-text", help=f"'{GENSIM_WIKI}' (offline, shipped), '{WIKITEXT2}' (hub), or a .txt path")
+    group.add_argument("--context", type=positive_int, help="perplexity window length in tokens")
+    group.add_argument("--stride", type=positive_int, help="tokens scored per window (window step)")
+    group.add_argument("--ppl-windows", type=positive_int, help="perplexity windows at most")
+    group.add_argument("--kld-windows", type=non_negative_int, help="first windows whose full log-probs feed KLD")
+    group.add_argument("--mmlu-per-subject", type=int, help="MMLU questions per subject (stratified, seeded)")
+    group.add_argument("--mmlu-shots", type=non_negative_int, help="k-shot exemplars per MMLU question")
+    group.add_argument("--gen-per-task", type=non_negative_int, help="prompts each for code, math and reasoning")
+    group.add_argument("--summaries", type=non_negative_int, help="summarization items at most")
+    group.add_argument("--max-new-tokens", type=positive_int, help="greedy tokens per generation request")
+    group.add_argument("--seed", type=int, help="seed of the MMLU sample and exemplars")
+
+
+def settings_from_args(args, device: str) -> EvalSettings:
+    preset = QUICK if args.quick else FULL
+    values = {key: getattr(args, key) if getattr(args, key) is not None else default for key, default in preset.items()}
+    if values["mmlu_per_subject"] <= 0:
+        raise UserError(f"--mmlu-per-subject must be positive, got {values['mmlu_per_subject']}")
+    settings = EvalSettings(device=device, **values)
+    settings.window_spec.validate()
+    return settings
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def load_eval_text(source: str) -> str:
+    if source == GENSIM_WIKI:
+        return wiki.eval_text(assets.wiki_file())
+    if source == WIKITEXT2:
+        try:
+            from datasets import load_dataset
+
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        except Exception as error:
+            raise UserError(f"cannot load wikitext-2-raw-v1 from the hub: {type(error).__name__}") from None
+        return "".join(rows)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"evaluation text not found: {source} (use '{GENSIM_WIKI}', '{WIKITEXT2}' or a file path)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise UserError(f"evaluation text {source} is empty")
+    return text
+
+
+@dataclass
+class EvalData:
+    tokens: list[int]
+    mmlu_sample: list[mmlu_data.Question]
+    mmlu_shots: dict
+    requests: list[prompts.Request]
+
+
+def load_data(tokenizer, settings: EvalSettings) -> EvalData:
+    text = load_eval_text(settings.eval_text)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    questions = mmlu_data.load_questions(assets.mmlu_file())
+    sample = mmlu_data.stratified_sample(questions, settings.mmlu_per_subject, settings.seed)
+    shots = mmlu_data.exemplars(questions, sample, settings.mmlu_shots, settings.seed)
+    requests = prompts.generation_requests(assets.wiki_file(), settings.gen_per_task, settings.summaries)
+    if not requests:
+        raise UserError("no generation requests: raise --gen-per-task or --summaries")
+    return EvalData(tokens, sample, shots, requests)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def result_stem(variant: str, model_hash: str, settings: EvalSettings) -> str:
+    return f"{variant}_{model_hash}_{settings.digest}"
+
+
+def load_reference(out_dir: Path, model_hash: str, settings: EvalSettings) -> dict | None:
+    path = out_dir / f"{result_stem(Variant.ORIGINAL.value, model_hash, settings)}.json"
+    if not path.is_file():
+        log(f"warning: no original result with these settings ({path.name}); KLD and deltas will be null")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"original result {path} is not valid JSON: {error}") from None
+
+
+def compare(metrics: dict, reference: dict) -> dict:
+    """Paired deltas vs the original on the same windows and questions."""
+    ref = reference["metrics"]
+    nll = paired_difference(metrics["perplexity"]["per_window_nll"], ref["perplexity"]["per_window_nll"])
+    acc = paired_difference(metrics["mmlu"]["per_question_correct"], ref["mmlu"]["per_question_correct"])
+    return {
+        "reference_file": reference["file"],
+        "mean_nll_delta": nll,
+        "ppl_ratio": math.exp(nll["mean"]),
+        "mmlu_accuracy_delta": acc,
+    }
+
+
+def run(variant: str, backend: Backend, tokenizer, model_hash: str, model_id: str, settings: EvalSettings,
+        out_dir: Path, extra: dict | None = None) -> Path:
+    out_dir = results.ensure_writable_dir(out_dir)
+    stem = result_stem(variant, model_hash, settings)
+    json_path = out_dir / f"{stem}.json"
+    is_reference = variant == Variant.ORIGINAL.value
+    data = load_data(tokenizer, settings)
+    reference = None if is_reference else load_reference(out_dir, model_hash, settings)
+    memory_after_load = memory.snapshot()
+    memory.reset_gpu_peak()
+    started = time.time()
+    metrics: dict = {"weights": backend.weights_report(), "memory_after_load": memory_after_load}
+
+    spec = settings.window_spec
+    n_kld_tokens = min(spec.kld_windows, len(perplexity.window_starts(len(data.tokens), spec))) * spec.stride
+    if is_reference:
+        logprobs_path = out_dir / f"{stem}.logprobs.npy"
+        with results.atomic_path(logprobs_path) as temp:
+            vocab = backend.logprobs(data.tokens[:2]).shape[-1]
+            record = perplexity.open_record(temp, n_kld_tokens, vocab)
+            metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, record=record)
+            record.flush()
+            del record
+        metrics["perplexity"]["kld_reference"] = {"file": logprobs_path.name, "n_tokens": n_kld_tokens, "vocab": vocab}
+    else:
+        ref_array = None
+        if reference is not None:
+            ref_file = out_dir / reference["metrics"]["perplexity"]["kld_reference"]["file"]
+            ref_array = perplexity.open_reference(ref_file, n_kld_tokens)
+        metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, reference=ref_array)
+
+    metrics["mmlu"] = mmlu.evaluate(backend, tokenizer, data.mmlu_sample, data.mmlu_shots)
+    reference_outputs = None
+    if reference is not None:
+        reference_outputs = [o["text"] for o in reference["metrics"]["generation"]["outputs"]]
+    metrics["generation"] = generation.evaluate(backend, tokenizer, data.requests, settings.max_new_tokens,
+                                                reference_outputs)
+    metrics["memory_peak"] = memory.snapshot()
+    metrics["eval_seconds"] = time.time() - started
+
+    result = {
+        "schema_version": results.RESULT_SCHEMA_VERSION,
+        "file": json_path.name,
+        "variant": variant,
+        "model": model_id,
+        "model_hash": model_hash,
+        "settings": {**asdict(settings), "digest": settings.digest},
+        "backend": backend.describe(),
+        "environment": results.environment(),
+        "created_utc": results.timestamp(),
+        **(extra or {}),
+        "metrics": metrics,
+    }
+    if reference is not None:
+        result["comparison_vs_original"] = compare(metrics, reference)
+    results.write_json_atomic(json_path, result)
+    return json_path
+
+
+def summary_line(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["metrics"]
+    parts = [f"{data['variant']}: ppl {m['perplexity']['ppl']['value']:.3f}",
+             f"MMLU {100 * m['mmlu']['accuracy']['mean']:.1f}% (n={m['mmlu']['accuracy']['n']})",
+             f"{m['generation']['decode_tokens_per_s']['value']:.1f} tok/s",
+             f"{m['weights']['bits_per_weight']:.2f} bpw"]
+    if "kld" in m["perplexity"]:
+        parts.insert(1, f"KLD {m['perplexity']['kld']['mean']:.4f}")
+    return ", ".join(parts)

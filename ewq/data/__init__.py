@@ -1,0 +1,1 @@
+"""Offline evaluation data: Wikipedia text, MMLU questions, generation prompts."""

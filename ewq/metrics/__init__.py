@@ -1,0 +1,1 @@
+"""Metrics, each written once against backends.base.Backend."""

@@ -1,0 +1,69 @@
+"""Greedy generation on the four tasks: speed, latency, and text quality.
+
+Each request decodes exactly max_new_tokens (end-of-sequence does not stop the loop) so that
+every variant does identical work; the text used for quality is cut at the first EOS token.
+Decode throughput = (tokens after the first) / (time after the first token), summed over requests.
+"""
+from __future__ import annotations
+
+from ..backends.base import Backend
+from ..cli import progress
+from ..data.prompts import Request, Task
+from . import textsim
+from .stats import mean_se, percentile
+
+WARMUP_TOKENS = 8
+
+
+def prompt_tokens(tokenizer, request: Request) -> list[int]:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": request.prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    else:
+        text = request.prompt
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def visible_text(tokenizer, tokens: list[int]) -> str:
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _spread(values: list[float]) -> dict:
+    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "mean": mean_se(values)["mean"], "n": len(values)}
+
+
+def evaluate(backend: Backend, tokenizer, requests: list[Request], max_new_tokens: int,
+             reference_outputs: list[str] | None = None) -> dict:
+    prompts = [prompt_tokens(tokenizer, r) for r in requests]
+    backend.generate_greedy(prompts[0], WARMUP_TOKENS)  # first-call costs (allocations, kernels) stay out
+    outputs, runs = [], []
+    for prompt in progress(prompts, desc=f"generation [{backend.name}]", unit="req"):
+        run = backend.generate_greedy(prompt, max_new_tokens)
+        runs.append(run)
+        outputs.append(visible_text(tokenizer, run.tokens))
+    decode_tokens = sum(len(r.tokens) - 1 for r in runs)
+    decode_time = sum(r.decode_s for r in runs)
+    per_request_tps = [(len(r.tokens) - 1) / r.decode_s for r in runs if r.decode_s > 0]
+    result = {
+        "max_new_tokens": max_new_tokens,
+        "n_requests": len(runs),
+        "prompt_tokens": _spread([float(len(p)) for p in prompts]),
+        "decode_tokens_per_s": {"value": decode_tokens / decode_time if decode_time > 0 else None,
+                                "per_request": mean_se(per_request_tps)},
+        "ttft_s": _spread([r.ttft_s for r in runs]),
+        "latency_s": _spread([r.total_s for r in runs]),
+        "outputs": [{"task": r.task, "text": text} for r, text in zip(requests, outputs)],
+    }
+    summaries = [(text, r.reference) for r, text in zip(requests, outputs) if r.task == Task.SUMMARIZATION]
+    if summaries:
+        hypotheses, references = [h for h, _ in summaries], [ref for _, ref in summaries]
+        result["summarization"] = {"bleu": textsim.bleu(hypotheses, references),
+                                   "rouge": textsim.rouge(hypotheses, references)}
+    if reference_outputs is not None:
+        if len(reference_outputs) != len(outputs):
+            raise ValueError("the original's outputs are for other requests")
+        result["rougeL_vs_original"] = textsim.rouge(outputs, reference_outputs)["rougeL"]
+    return result

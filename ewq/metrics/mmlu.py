@@ -1,0 +1,34 @@
+"""MMLU accuracy from the log-likelihood of the answer letter (' A' .. ' D') after the prompt."""
+from __future__ import annotations
+
+from ..backends.base import Backend
+from ..cli import progress
+from ..data import mmlu
+from ..errors import UserError
+from .stats import proportion_se
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    ids = []
+    for letter in mmlu.LETTERS:
+        encoded = tokenizer.encode(f" {letter}", add_special_tokens=False)
+        if len(encoded) != 1:
+            raise UserError(f"the tokenizer splits ' {letter}' into {len(encoded)} tokens; MMLU scoring needs one")
+        ids.append(encoded[0])
+    return ids
+
+
+def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], shots: dict[str, list[mmlu.Question]]) -> dict:
+    letter_ids = letter_token_ids(tokenizer)
+    correct, by_subject = [], {}
+    for question in progress(sample, desc=f"mmlu [{backend.name}]", unit="q"):
+        prompt_ids = tokenizer.encode(mmlu.prompt(question, shots.get(question.subject, [])), add_special_tokens=False)
+        scores = backend.next_token_logprobs(prompt_ids)[letter_ids]
+        hit = int(int(scores.argmax()) == question.answer)
+        correct.append(hit)
+        by_subject.setdefault(question.subject, []).append(hit)
+    return {
+        "accuracy": proportion_se(sum(correct), len(correct)),
+        "per_subject": {s: proportion_se(sum(v), len(v)) for s, v in sorted(by_subject.items())},
+        "per_question_correct": correct,
+    }

@@ -1,0 +1,108 @@
+"""Perplexity over sliding windows, and KL divergence against the original model's log-probs.
+
+Windows: start = i*stride, length = context; each window scores only its last `stride`
+tokens, so every scored token sees at least context - stride tokens of context and no token is
+scored twice. Standard errors are taken across windows (tokens inside one window are
+correlated, so a per-token SE would be too small).
+
+KLD(original || variant) per scored token = sum_v p_orig(v) * (log p_orig(v) - log p_variant(v)).
+The original run stores log p_orig for the first `kld_windows` windows as a float16
+[tokens, vocab] array beside its result; every variant reads it back.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends.base import Backend
+from ..cli import progress
+from ..errors import UserError
+from .stats import mean_se, percentile
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    context: int
+    stride: int
+    max_windows: int
+    kld_windows: int
+
+    def validate(self) -> None:
+        if not 0 < self.stride <= self.context:
+            raise UserError(f"stride must be in 1..context ({self.context}), got {self.stride}")
+        if self.kld_windows > self.max_windows:
+            raise UserError(f"KLD windows ({self.kld_windows}) exceed perplexity windows ({self.max_windows})")
+
+
+def window_starts(n_tokens: int, spec: WindowSpec) -> list[int]:
+    starts = list(range(0, n_tokens - spec.context + 1, spec.stride))[: spec.max_windows]
+    if not starts:
+        raise UserError(f"evaluation text has {n_tokens} tokens, fewer than one window of {spec.context}")
+    return starts
+
+
+def tokens_digest(tokens: list[int]) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
+             reference: np.ndarray | None = None, record: np.ndarray | None = None) -> dict:
+    """Perplexity on every window; KLD and same-top-1 vs `reference` on the first
+    kld_windows windows; if `record` is given, the log-probs of those windows are written to it."""
+    starts = window_starts(len(tokens), spec)
+    kld_windows = min(spec.kld_windows, len(starts))
+    window_nll, window_kld, window_top1, token_kld = [], [], [], []
+    for index, start in enumerate(progress(starts, desc=f"perplexity [{backend.name}]", unit="window")):
+        window = tokens[start:start + spec.context]
+        rows = backend.logprobs(window)[spec.context - spec.stride - 1: spec.context - 1]
+        targets = torch.tensor(window[spec.context - spec.stride:])
+        nll = -rows.gather(1, targets[:, None]).squeeze(1).double()
+        window_nll.append(float(nll.mean()))
+        if index >= kld_windows:
+            continue
+        block = slice(index * spec.stride, (index + 1) * spec.stride)
+        if record is not None:
+            record[block] = rows.numpy().astype(np.float16)
+        if reference is not None:
+            ref = torch.from_numpy(np.asarray(reference[block], dtype=np.float32))
+            kld = (ref.exp() * (ref - rows)).sum(dim=-1).double()
+            token_kld.extend(kld.tolist())
+            window_kld.append(float(kld.mean()))
+            window_top1.append(float((ref.argmax(-1) == rows.argmax(-1)).double().mean()))
+    nll_stats = mean_se(window_nll)
+    ppl = math.exp(nll_stats["mean"])
+    result = {
+        "settings": asdict(spec),
+        "tokens_sha256_16": tokens_digest(tokens[: starts[-1] + spec.context]),
+        "ppl": {"value": ppl, "se": ppl * nll_stats["se"] if nll_stats["se"] else None,
+                "mean_nll": nll_stats["mean"], "mean_nll_se": nll_stats["se"],
+                "n_windows": len(starts), "n_tokens": len(starts) * spec.stride},
+        "per_window_nll": window_nll,
+    }
+    if reference is not None:
+        kld_stats = mean_se(window_kld)
+        top1_stats = mean_se(window_top1)
+        result["kld"] = {"mean": kld_stats["mean"], "se": kld_stats["se"], "p99": percentile(token_kld, 99),
+                         "max": max(token_kld), "n_windows": kld_stats["n"], "n_tokens": len(token_kld)}
+        result["same_top1"] = {"mean": top1_stats["mean"], "se": top1_stats["se"], "n_windows": top1_stats["n"],
+                               "n_tokens": len(token_kld)}
+    return result
+
+
+def open_record(path: Path, n_tokens: int, vocab: int) -> np.memmap:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_tokens, vocab))
+
+
+def open_reference(path: Path, n_tokens: int) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the original's log-probs {path}: {error}") from None
+    if array.ndim != 2 or array.shape[0] < n_tokens:
+        raise UserError(f"{path} holds {array.shape} log-probs, need {n_tokens} tokens")
+    return array

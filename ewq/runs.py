@@ -1,0 +1,69 @@
+"""Entry points of the Hugging Face benchmark scripts (original model, EWQ via bitsandbytes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import benchmark, weights
+from .backends import hf
+from .cli import Parser, log
+from .errors import UserError
+from .plan import find_plan, load_plan
+
+
+def _parser(description: str) -> Parser:
+    parser = Parser(description=description)
+    benchmark.add_common_args(parser)
+    return parser
+
+
+def _prepare(args):
+    device = hf.resolve_device(args.device)
+    settings = benchmark.settings_from_args(args, device)
+    files = weights.open_model(args.model)
+    model_hash = weights.model_hash(files)
+    log(f"model {files.root} (hash {model_hash}) on {device}, settings {settings.digest}"
+        + (" [quick]" if args.quick else ""))
+    return device, settings, files, model_hash
+
+
+def original_main(argv=None) -> None:
+    parser = _parser("Benchmark the original model (fp16 on GPU, fp32 on CPU); writes the KLD reference.")
+    args = parser.parse_args(argv)
+    device, settings, files, model_hash = _prepare(args)
+    tokenizer = hf.load_tokenizer(files.root)
+    model = hf.load_model(files.root, device, hf.compute_dtype(device))
+    backend = hf.HFBackend(model, device, "original", hf.dense_weights_report(model))
+    path = benchmark.run(benchmark.Variant.ORIGINAL.value, backend, tokenizer, model_hash, args.model, settings,
+                         args.out_dir)
+    log(benchmark.summary_line(path))
+    print(path)
+
+
+def ewq_main(argv=None) -> None:
+    parser = _parser("Benchmark the model with an EWQ plan applied through bitsandbytes (int8 / nf4 / fp16).")
+    parser.add_argument("--plan", type=Path, help="plan JSON (default: the newest plan for this model's hash)")
+    parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="where plans are looked up")
+    args = parser.parse_args(argv)
+    device, settings, files, model_hash = _prepare(args)
+    plan_file = args.plan or find_plan(args.plans_dir, model_hash)
+    plan = load_plan(plan_file)
+    if plan.model_hash != model_hash:
+        raise UserError(f"plan {plan_file} was made for model hash {plan.model_hash}, not this model ({model_hash})")
+    log(f"plan {plan_file} ({plan.plan_hash})")
+    from . import bnb
+
+    tokenizer = hf.load_tokenizer(files.root)
+    dtype = hf.compute_dtype(device)
+    model = hf.load_model(files.root, "cpu", dtype)
+    applied = bnb.apply_plan(model, plan, device, dtype)
+    report = bnb.read_back(model, plan, applied["not_applicable"])
+    report["dtype"] = str(dtype).removeprefix("torch.")
+    log(f"bitsandbytes read-back: {report['bits_per_weight']:.2f} bits/weight, {report['weight_bytes'] / 2**20:.1f} MiB")
+    backend = hf.HFBackend(model, device, "ewq-bnb", report)
+    path = benchmark.run(benchmark.Variant.EWQ_BNB.value, backend, tokenizer, model_hash, args.model, settings,
+                         args.out_dir, extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file),
+                                              "plan_summary": plan.summary()})
+    log(benchmark.summary_line(path))
+    print(path)

@@ -1,0 +1,155 @@
+"""Weights I/O: find a model's safetensors files and read tensors one at a time.
+
+Nothing here builds the model: plan creation needs at most one tensor in memory at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import UserError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+HASH_SAMPLE_BYTES = 1 << 16  # bytes of tensor data sampled per file for the model hash
+HASH_SAMPLES_PER_FILE = 16
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A local model directory: its config and safetensors weight files."""
+
+    root: Path
+    config: dict
+    weight_files: tuple[Path, ...]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, downloaded to the HF cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {model} is not a directory")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise UserError(f"model not found: {model} (neither a local directory nor a hub id 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as error:  # offline, unknown repo, gated repo ...
+        raise UserError(f"cannot fetch model '{model}' from the hub: {type(error).__name__}: {str(error).splitlines()[0]}") from None
+
+
+def open_model(model: str) -> ModelFiles:
+    root = resolve_model_dir(model)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{root} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_path} is not valid JSON: {error}") from None
+    architectures = config.get("architectures") or []
+    if not any(name.endswith("ForCausalLM") for name in architectures):
+        raise UserError(f"{root} is not a causal LM (architectures: {architectures or 'none'})")
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise UserError(f"{index} is not a valid safetensors index: {error}") from None
+        files = tuple(root / name for name in sorted(set(weight_map.values())))
+    elif (root / SINGLE_FILE).is_file():
+        files = (root / SINGLE_FILE,)
+    else:
+        files = tuple(sorted(root.glob("*.safetensors")))
+    if not files:
+        raise UserError(f"{root} has no safetensors weights (convert .bin checkpoints to safetensors first)")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"safetensors shard(s) missing: {', '.join(missing)}")
+    return ModelFiles(root=root, config=config, weight_files=files)
+
+
+def read_header(path: Path) -> tuple[bytes, dict]:
+    """The raw JSON header of a safetensors file and its parsed form."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 1024 * 1024:
+                raise ValueError("header length out of range")
+            raw = handle.read(length)
+        return raw, json.loads(raw)
+    except (struct.error, ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not a valid safetensors file: {error}") from None
+
+
+def list_tensors(files: ModelFiles) -> list[TensorInfo]:
+    tensors = []
+    for path in files.weight_files:
+        _, header = read_header(path)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            tensors.append(TensorInfo(name=name, file=path, dtype=entry["dtype"], shape=tuple(entry["shape"])))
+    return tensors
+
+
+def iter_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """Yield (info, tensor) one at a time; the file is memory-mapped, one tensor is materialised."""
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in tensors:
+        by_file.setdefault(info.file, []).append(info)
+    for path, infos in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for info in infos:
+                yield info, handle.get_tensor(info.name)
+
+
+def model_hash(files: ModelFiles) -> str:
+    """Deterministic 16-hex id of a model: config, every safetensors header, and a fixed
+    sample of weight bytes per file (headers alone cannot tell two fine-tunes apart)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(files.config, sort_keys=True).encode())
+    for path in files.weight_files:
+        raw_header, _ = read_header(path)
+        digest.update(raw_header)
+        size = path.stat().st_size
+        data_start = 8 + len(raw_header)
+        data_size = max(0, size - data_start)
+        with open(path, "rb") as handle:
+            for sample in range(HASH_SAMPLES_PER_FILE):
+                handle.seek(data_start + (data_size * sample) // HASH_SAMPLES_PER_FILE)
+                digest.update(handle.read(HASH_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
