@@ -6,6 +6,7 @@ from pathlib import Path
 from . import llamacpp, plan as plan_mod, weights
 from .cli import log, progress
 from .entropy import tensor_stats
+from .errors import UserError
 from .results import ensure_writable_dir, write_json_atomic, write_text_atomic
 
 
@@ -15,7 +16,10 @@ def analyse_model(files: weights.ModelFiles, bins: int) -> list[plan_mod.TensorE
     infos = [t for t in weights.list_tensors(files) if t.dtype in ("F16", "BF16", "F32", "F64")]
     entries = []
     for info, tensor in progress(weights.iter_tensors(infos), total=len(infos), desc="entropy", unit="tensor"):
-        stats = tensor_stats(tensor, bins)
+        try:
+            stats = tensor_stats(tensor, bins)
+        except ValueError as error:
+            raise UserError(f"tensor {info.name} of {files.root}: {error}") from None
         entries.append(plan_mod.TensorEntry(
             hf_name=info.name,
             gguf_name=namer(info.name),

@@ -18,8 +18,7 @@ from .errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-HASH_SAMPLE_BYTES = 1 << 16  # bytes of tensor data sampled per file for the model hash
-HASH_SAMPLES_PER_FILE = 16
+HASH_SAMPLE_BYTES = 4096  # bytes hashed at each of three places of every tensor
 
 
 @dataclass(frozen=True)
@@ -138,18 +137,19 @@ def iter_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[TensorInfo, torch.
 
 
 def model_hash(files: ModelFiles) -> str:
-    """Deterministic 16-hex id of a model: config, every safetensors header, and a fixed
-    sample of weight bytes per file (headers alone cannot tell two fine-tunes apart)."""
+    """Deterministic 16-hex id of a model: its config, every safetensors header, and a sample of
+    every tensor's bytes (start, middle, end). Headers alone cannot tell two fine-tunes of one
+    architecture apart; a full read of a large model would cost a minute per run."""
     digest = hashlib.sha256()
     digest.update(json.dumps(files.config, sort_keys=True).encode())
     for path in files.weight_files:
-        raw_header, _ = read_header(path)
+        raw_header, header = read_header(path)
         digest.update(raw_header)
-        size = path.stat().st_size
         data_start = 8 + len(raw_header)
-        data_size = max(0, size - data_start)
+        spans = sorted(entry["data_offsets"] for name, entry in header.items() if name != "__metadata__")
         with open(path, "rb") as handle:
-            for sample in range(HASH_SAMPLES_PER_FILE):
-                handle.seek(data_start + (data_size * sample) // HASH_SAMPLES_PER_FILE)
-                digest.update(handle.read(HASH_SAMPLE_BYTES))
+            for begin, end in spans:
+                for offset in sorted({begin, (begin + end) // 2, max(begin, end - HASH_SAMPLE_BYTES)}):
+                    handle.seek(data_start + offset)
+                    digest.update(handle.read(min(HASH_SAMPLE_BYTES, end - offset)))
     return digest.hexdigest()[:16]

@@ -1,0 +1,53 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ewq.backends.base import Backend, Generation  # noqa: E402
+
+
+def tiny_llama(num_layers=12, hidden=64, intermediate=256, vocab=128, tie=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    model = tiny_llama()
+    path = tmp_path / "tiny"
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+class BigramBackend(Backend):
+    """A deterministic fake engine: the next-token distribution depends on the current token only."""
+
+    name, device = "bigram", "cpu"
+
+    def __init__(self, vocab=32, seed=0, scale=3.0):
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.log_softmax(scale * torch.randn(vocab, vocab, generator=generator), dim=-1)
+        self.calls = 0
+
+    def logprobs(self, tokens):
+        self.calls += 1
+        return self.table[torch.tensor(tokens)]
+
+    def generate_greedy(self, prompt, max_new_tokens):
+        tokens, token = [], prompt[-1]
+        for _ in range(max_new_tokens):
+            token = int(self.table[token].argmax())
+            tokens.append(token)
+        return Generation(tokens=tokens, ttft_s=0.01, total_s=0.01 + 0.001 * (max_new_tokens - 1))
+
+    def weights_report(self):
+        return {"weight_bytes": 0, "n_weights": 0, "bits_per_weight": 0.0}
