@@ -32,6 +32,10 @@ GENSIM_WIKI, WIKITEXT2 = "gensim-wiki", "wikitext2"
 class Variant(str, Enum):
     ORIGINAL = "original"
     EWQ_BNB = "ewq-bnb"
+    GGUF_F16 = "gguf-f16"
+    GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q4_K_M = "gguf-q4_k_m"
+    GGUF_EWQ = "gguf-ewq"
 
 
 @dataclass(frozen=True)
@@ -119,9 +123,17 @@ def load_eval_text(source: str) -> str:
 @dataclass
 class EvalData:
     tokens: list[int]
+    mmlu_prompts: list[list[int]]
     mmlu_sample: list[mmlu_data.Question]
-    mmlu_shots: dict
+    request_prompts: list[list[int]]
     requests: list[prompts.Request]
+    settings: EvalSettings
+
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens a backend must hold at once: a window, an MMLU prompt, or a prompt plus its answer."""
+        return max(self.settings.context, max(map(len, self.mmlu_prompts)),
+                   max(map(len, self.request_prompts)) + self.settings.max_new_tokens)
 
 
 def load_data(tokenizer, settings: EvalSettings) -> EvalData:
@@ -130,10 +142,13 @@ def load_data(tokenizer, settings: EvalSettings) -> EvalData:
     questions = mmlu_data.load_questions(assets.mmlu_file())
     sample = mmlu_data.stratified_sample(questions, settings.mmlu_per_subject, settings.seed)
     shots = mmlu_data.exemplars(questions, sample, settings.mmlu_shots, settings.seed)
+    mmlu_prompts = [tokenizer.encode(mmlu_data.prompt(q, shots.get(q.subject, [])), add_special_tokens=False)
+                    for q in sample]
     requests = prompts.generation_requests(assets.wiki_file(), settings.gen_per_task, settings.summaries)
     if not requests:
         raise UserError("no generation requests: raise --gen-per-task or --summaries")
-    return EvalData(tokens, sample, shots, requests)
+    request_prompts = [generation.prompt_tokens(tokenizer, r) for r in requests]
+    return EvalData(tokens, mmlu_prompts, sample, request_prompts, requests, settings)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -166,13 +181,14 @@ def compare(metrics: dict, reference: dict) -> dict:
     }
 
 
-def run(variant: str, backend: Backend, tokenizer, model_hash: str, model_id: str, settings: EvalSettings,
+def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: str, model_id: str,
         out_dir: Path, extra: dict | None = None) -> Path:
+    """Run every metric on `backend` and write the result; `data` comes from load_data()."""
+    settings = data.settings
     out_dir = results.ensure_writable_dir(out_dir)
     stem = result_stem(variant, model_hash, settings)
     json_path = out_dir / f"{stem}.json"
     is_reference = variant == Variant.ORIGINAL.value
-    data = load_data(tokenizer, settings)
     reference = None if is_reference else load_reference(out_dir, model_hash, settings)
     memory_after_load = memory.snapshot()
     memory.reset_gpu_peak()
@@ -197,12 +213,12 @@ def run(variant: str, backend: Backend, tokenizer, model_hash: str, model_id: st
             ref_array = perplexity.open_reference(ref_file, n_kld_tokens)
         metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, reference=ref_array)
 
-    metrics["mmlu"] = mmlu.evaluate(backend, tokenizer, data.mmlu_sample, data.mmlu_shots)
+    metrics["mmlu"] = mmlu.evaluate(backend, tokenizer, data.mmlu_sample, data.mmlu_prompts)
     reference_outputs = None
     if reference is not None:
         reference_outputs = [o["text"] for o in reference["metrics"]["generation"]["outputs"]]
-    metrics["generation"] = generation.evaluate(backend, tokenizer, data.requests, settings.max_new_tokens,
-                                                reference_outputs)
+    metrics["generation"] = generation.evaluate(backend, tokenizer, data.requests, data.request_prompts,
+                                                settings.max_new_tokens, reference_outputs)
     metrics["memory_peak"] = memory.snapshot()
     metrics["eval_seconds"] = time.time() - started
 

@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 
 from . import llamacpp
@@ -139,12 +140,11 @@ class Plan:
         return plan_hash(self.model_hash, self.params)
 
     def tensor(self, hf_name: str) -> TensorEntry | None:
-        return self._by_name().get(hf_name)
+        return self._by_name.get(hf_name)
 
+    @cached_property
     def _by_name(self) -> dict[str, TensorEntry]:
-        if not hasattr(self, "_index"):
-            self._index = {t.hf_name: t for t in self.tensors}
-        return self._index
+        return {t.hf_name: t for t in self.tensors}
 
     def summary(self) -> dict:
         counts = {p.value: {"tensors": 0, "params": 0} for p in Precision}

@@ -34,10 +34,18 @@ def atomic_path(target: Path):
     temp = Path(temp_name)
     try:
         yield temp
+        if temp.stat().st_mode & 0o777 == 0o600:  # mkstemp's mode: give the file the usual umask-based one
+            temp.chmod(0o666 & ~_umask())
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(target: Path, text: str, mode: int | None = None) -> None:

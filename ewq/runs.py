@@ -18,7 +18,7 @@ def _parser(description: str) -> Parser:
     return parser
 
 
-def _prepare(args):
+def prepare_run(args):
     device = hf.resolve_device(args.device)
     settings = benchmark.settings_from_args(args, device)
     files = weights.open_model(args.model)
@@ -31,11 +31,12 @@ def _prepare(args):
 def original_main(argv=None) -> None:
     parser = _parser("Benchmark the original model (fp16 on GPU, fp32 on CPU); writes the KLD reference.")
     args = parser.parse_args(argv)
-    device, settings, files, model_hash = _prepare(args)
+    device, settings, files, model_hash = prepare_run(args)
     tokenizer = hf.load_tokenizer(files.root)
+    data = benchmark.load_data(tokenizer, settings)
     model = hf.load_model(files.root, device, hf.compute_dtype(device))
     backend = hf.HFBackend(model, device, "original", hf.dense_weights_report(model))
-    path = benchmark.run(benchmark.Variant.ORIGINAL.value, backend, tokenizer, model_hash, args.model, settings,
+    path = benchmark.run(benchmark.Variant.ORIGINAL.value, backend, tokenizer, data, model_hash, args.model,
                          args.out_dir)
     log(benchmark.summary_line(path))
     print(path)
@@ -46,7 +47,7 @@ def ewq_main(argv=None) -> None:
     parser.add_argument("--plan", type=Path, help="plan JSON (default: the newest plan for this model's hash)")
     parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="where plans are looked up")
     args = parser.parse_args(argv)
-    device, settings, files, model_hash = _prepare(args)
+    device, settings, files, model_hash = prepare_run(args)
     plan_file = args.plan or find_plan(args.plans_dir, model_hash)
     plan = load_plan(plan_file)
     if plan.model_hash != model_hash:
@@ -55,6 +56,7 @@ def ewq_main(argv=None) -> None:
     from . import bnb
 
     tokenizer = hf.load_tokenizer(files.root)
+    data = benchmark.load_data(tokenizer, settings)
     dtype = hf.compute_dtype(device)
     model = hf.load_model(files.root, "cpu", dtype)
     applied = bnb.apply_plan(model, plan, device, dtype)
@@ -62,7 +64,7 @@ def ewq_main(argv=None) -> None:
     report["dtype"] = str(dtype).removeprefix("torch.")
     log(f"bitsandbytes read-back: {report['bits_per_weight']:.2f} bits/weight, {report['weight_bytes'] / 2**20:.1f} MiB")
     backend = hf.HFBackend(model, device, "ewq-bnb", report)
-    path = benchmark.run(benchmark.Variant.EWQ_BNB.value, backend, tokenizer, model_hash, args.model, settings,
+    path = benchmark.run(benchmark.Variant.EWQ_BNB.value, backend, tokenizer, data, model_hash, args.model,
                          args.out_dir, extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file),
                                               "plan_summary": plan.summary()})
     log(benchmark.summary_line(path))

@@ -22,3 +22,15 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$STAMP"
 fi
 "$VENV/bin/python" -m ewq.assets
+
+# llama.cpp from the source vendored by llama-cpp-python: the tools with cmake, the Python
+# bindings with pip (compiled from the same source package, never a prebuilt binary).
+# EWQ_CUDA=1 builds both with CUDA.
+cuda_flag=""; cmake_args="-DLLAVA_BUILD=OFF"
+if [ "${EWQ_CUDA:-0}" = 1 ]; then cuda_flag="--cuda"; cmake_args="$cmake_args -DGGML_CUDA=on"; fi
+"$VENV/bin/python" -m ewq.llamacpp_build $cuda_flag
+if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: building the llama_cpp Python bindings from source (several minutes)" >&2
+  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-binary llama-cpp-python "$(grep -E '^llama-cpp-python==' requirements-llamacpp.txt)"
+fi

@@ -1,3 +1,6 @@
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +54,44 @@ class BigramBackend(Backend):
 
     def weights_report(self):
         return {"weight_bytes": 0, "n_weights": 0, "bits_per_weight": 0.0}
+
+
+# --- the scripts end to end (shared by the e2e test modules) -----------------------------------
+
+ENV = {**os.environ, "EWQ_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+SCRIPTS = ("create_quantization_plan.py", "benchmark_original.py", "benchmark_ewq.py", "benchmark_gguf_q4.py",
+           "benchmark_gguf_q8.py", "benchmark_gguf_ewq.py")
+GGUF_SCRIPTS = ("benchmark_gguf_q4.py", "benchmark_gguf_q8.py", "benchmark_gguf_ewq.py")
+
+
+def run(script, *args, check=True, env=None):
+    command = [sys.executable, *(["-m", script] if script.startswith("ewq.") else [str(ROOT / script)])]
+    result = subprocess.run([*command, *map(str, args)], cwd=ROOT, env=env or ENV,
+                            capture_output=True, text=True, timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def assert_usage_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last, result.stderr
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    plans, results = root / "plans", root / "results"
+    plan_out = run("create_quantization_plan.py", "--out-dir", plans).stdout.split()
+    run("benchmark_original.py", "--quick", "--out-dir", results)
+    run("benchmark_ewq.py", "--quick", "--plans-dir", plans, "--out-dir", results)
+    for script in GGUF_SCRIPTS:
+        plan_args = ["--plans-dir", plans] if script == "benchmark_gguf_ewq.py" else []
+        run(script, "--quick", *plan_args, "--gguf-dir", plans, "--out-dir", results)
+    run("ewq.gguf_runs", "F16", "--quick", "--gguf-dir", plans, "--out-dir", results)
+    files = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in results.glob("*.json")}
+    return {"plan": Path(plan_out[0]), "script": Path(plan_out[1]), "results": results, "files": files, "root": root}
+
+

@@ -35,9 +35,9 @@ def _spread(values: list[float]) -> dict:
     return {"p50": percentile(values, 50), "p95": percentile(values, 95), "mean": mean_se(values)["mean"], "n": len(values)}
 
 
-def evaluate(backend: Backend, tokenizer, requests: list[Request], max_new_tokens: int,
+def evaluate(backend: Backend, tokenizer, requests: list[Request], prompts: list[list[int]], max_new_tokens: int,
              reference_outputs: list[str] | None = None) -> dict:
-    prompts = [prompt_tokens(tokenizer, r) for r in requests]
+    """`prompts[i]` holds the token ids of prompt_tokens() for `requests[i]`."""
     backend.generate_greedy(prompts[0], WARMUP_TOKENS)  # first-call costs (allocations, kernels) stay out
     outputs, runs = [], []
     for prompt in progress(prompts, desc=f"generation [{backend.name}]", unit="req"):

@@ -18,11 +18,11 @@ def letter_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], shots: dict[str, list[mmlu.Question]]) -> dict:
+def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: list[list[int]]) -> dict:
+    """`prompts[i]` holds the token ids of mmlu.prompt() for `sample[i]`."""
     letter_ids = letter_token_ids(tokenizer)
     correct, by_subject = [], {}
-    for question in progress(sample, desc=f"mmlu [{backend.name}]", unit="q"):
-        prompt_ids = tokenizer.encode(mmlu.prompt(question, shots.get(question.subject, [])), add_special_tokens=False)
+    for question, prompt_ids in progress(list(zip(sample, prompts)), desc=f"mmlu [{backend.name}]", unit="q"):
         scores = backend.next_token_logprobs(prompt_ids)[letter_ids]
         hit = int(int(scores.argmax()) == question.answer)
         correct.append(hit)

@@ -1,0 +1,101 @@
+"""The GGUF half end to end: files built from source tools, plans proven, backends cross-checked."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ENV, ROOT, assert_usage_error, run
+from ewq import gguf_files, plan as plan_mod
+from ewq.backends import hf
+from ewq.errors import UserError
+from ewq.metrics import perplexity
+
+
+def gguf_file(pipeline, variant):
+    return gguf_files.Path(pipeline["files"][variant]["gguf"]["file"])
+
+
+def test_ewq_gguf_types_equal_the_plan_tensor_by_tensor(pipeline):
+    plan = plan_mod.load_plan(pipeline["plan"])
+    result = pipeline["files"]["gguf-ewq"]
+    assert result["plan_check"]["matches_plan"] and result["plan_hash"] == plan.plan_hash
+    in_file = {t.name: t.type_name for t in gguf_files.read_tensors(gguf_file(pipeline, "gguf-ewq"))}
+    planned = {t.gguf_name: t.llama_type for t in plan.tensors if t.gguf_name}
+    assert planned == {name: in_file[name] for name in planned}
+    assert {"Q4_0", "Q8_0", "F16"} <= set(in_file.values())
+
+
+def test_a_file_that_does_not_follow_the_plan_is_named(pipeline):
+    plan = plan_mod.load_plan(pipeline["plan"])
+    with pytest.raises(UserError, match=r"does not follow plan .*blk\.\d+\.\w+\.weight: plan Q4_[0K], file Q8_0"):
+        gguf_files.verify_plan(plan, gguf_file(pipeline, "gguf-q8_0"))
+
+
+def test_gguf_results_record_size_types_and_llama_bench(pipeline):
+    sizes = {}
+    for variant in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-ewq"):
+        result = pipeline["files"][variant]
+        g = result["gguf"]
+        assert g["file_bytes"] > g["weight_bytes"] > 0 and sum(g["type_histogram"].values()) == 272
+        assert result["llama_bench"]["pp512"]["tokens_per_s"] > 0 and result["llama_bench"]["tg128"]["tokens_per_s"] > 0
+        assert result["imatrix"] is (variant != "gguf-f16")
+        sizes[variant] = g["bits_per_weight"]
+    assert sizes["gguf-q4_k_m"] < sizes["gguf-ewq"] < sizes["gguf-f16"]
+    assert sizes["gguf-q8_0"] < sizes["gguf-f16"]
+
+
+def test_f16_gguf_through_llama_cpp_agrees_with_the_hf_original(pipeline):
+    original, f16 = pipeline["files"]["original"], pipeline["files"]["gguf-f16"]
+    assert original["settings"] == f16["settings"]
+    ppl_hf = original["metrics"]["perplexity"]["ppl"]["value"]
+    ppl_gguf = f16["metrics"]["perplexity"]["ppl"]["value"]
+    assert abs(ppl_gguf / ppl_hf - 1) < 0.01
+    assert f16["metrics"]["perplexity"]["kld"]["mean"] < 0.005
+    assert f16["metrics"]["perplexity"]["same_top1"]["mean"] > 0.97
+
+
+def test_quantized_ggufs_order_as_expected(pipeline):
+    kld = {v: pipeline["files"][v]["metrics"]["perplexity"]["kld"]["mean"] for v in ("gguf-q8_0", "gguf-q4_k_m")}
+    assert 0 < kld["gguf-q8_0"] < kld["gguf-q4_k_m"]
+
+
+def test_our_kld_and_ppl_agree_with_llama_perplexity(pipeline, tmp_path):
+    """Same text, same context; llama-perplexity scores the second half of non-overlapping 512-token
+    chunks (half of our windows' tokens) after a BOS, and its KLD base is the F16 GGUF, not the HF model."""
+    tokenizer = hf.load_tokenizer(ROOT / ".cache/models/SmolLM2-135M-Instruct")
+    settings = pipeline["files"]["original"]["settings"]
+    from ewq.benchmark import load_eval_text
+
+    tokens = tokenizer.encode(load_eval_text(settings["eval_text"]), add_special_tokens=False)
+    spec = perplexity.WindowSpec(settings["context"], settings["stride"], settings["ppl_windows"], settings["kld_windows"])
+    used = perplexity.window_starts(len(tokens), spec)[-1] + spec.context
+    text = tmp_path / "eval.txt"
+    text.write_text(tokenizer.decode(tokens[:used + spec.context]))
+    chunks = used // spec.context
+    threads = torch.get_num_threads()
+    base = tmp_path / "base.kld"
+    ours_f16 = pipeline["files"]["gguf-f16"]["metrics"]["perplexity"]["ppl"]["value"]
+    theirs_f16 = gguf_files.llama_perplexity(gguf_file(pipeline, "gguf-f16"), text, spec.context, chunks, threads,
+                                             base, write_base=True)
+    assert abs(theirs_f16["ppl"]["mean"] / ours_f16 - 1) < 0.10
+    for variant in ("gguf-q8_0", "gguf-q4_k_m"):
+        theirs = gguf_files.llama_perplexity(gguf_file(pipeline, variant), text, spec.context, chunks, threads,
+                                             base, write_base=False)
+        ours = pipeline["files"][variant]["metrics"]["perplexity"]
+        assert abs(theirs["ppl"]["mean"] / ours["ppl"]["value"] - 1) < 0.10, (variant, theirs, ours["ppl"])
+        tolerance = 3 * (theirs["kld"]["se"] + ours["kld"]["se"]) + 0.25 * ours["kld"]["mean"]
+        assert abs(theirs["kld"]["mean"] - ours["kld"]["mean"]) < tolerance, (variant, theirs["kld"], ours["kld"])
+
+
+def test_gguf_bad_inputs(pipeline, tmp_path):
+    results = pipeline["results"]
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("hello")
+    assert_usage_error(run("benchmark_gguf_q4.py", "--quick", "--gguf", not_gguf, "--out-dir", results, check=False),
+                       "not a GGUF file")
+    missing_tools = {**ENV, "EWQ_LLAMA_CPP_BIN": str(tmp_path / "nothing")}
+    assert_usage_error(run("benchmark_gguf_q8.py", "--quick", "--gguf-dir", tmp_path, "--no-imatrix",
+                           "--out-dir", results, check=False, env=missing_tools), "not found")
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before

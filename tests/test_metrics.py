@@ -1,0 +1,151 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BigramBackend
+from ewq.data import mmlu as mmlu_data
+from ewq.data.prompts import Request, Task
+from ewq.errors import UserError
+from ewq.metrics import generation, mmlu, perplexity, textsim
+from ewq.metrics.stats import bootstrap_se, mean_se, paired_difference, percentile, proportion_se
+
+
+def test_mean_se_hand_checked():
+    result = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert result["mean"] == 2.5 and result["n"] == 4
+    assert result["se"] == pytest.approx(math.sqrt((1.5**2 * 2 + 0.5**2 * 2) / 3 / 4))
+    assert mean_se([5.0])["se"] is None and mean_se([])["mean"] is None
+
+
+def test_proportion_and_paired_difference():
+    assert proportion_se(30, 120) == {"mean": 0.25, "se": pytest.approx(math.sqrt(0.25 * 0.75 / 120)), "n": 120}
+    diff = paired_difference([1, 0, 1, 1], [1, 1, 1, 1])
+    assert diff["mean"] == -0.25 and diff["se"] == pytest.approx(0.25) and diff["significant_2se"] is False
+    with pytest.raises(ValueError):
+        paired_difference([1, 2], [1])
+
+
+def test_percentile_interpolates():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([0, 10], 99) == pytest.approx(9.9)
+
+
+def test_bootstrap_se_of_a_mean_is_close_to_the_analytic_se():
+    values = list(np.random.default_rng(0).normal(size=400))
+    assert bootstrap_se(values, lambda s: sum(s) / len(s), rounds=400) == pytest.approx(mean_se(values)["se"], rel=0.15)
+
+
+SPEC = perplexity.WindowSpec(context=16, stride=8, max_windows=10, kld_windows=4)
+
+
+def manual_nll(backend, tokens, spec):
+    values = []
+    for start in perplexity.window_starts(len(tokens), spec):
+        for position in range(start + spec.context - spec.stride, start + spec.context):
+            values.append(-float(backend.table[tokens[position - 1], tokens[position]]))
+    return values
+
+
+def test_window_layout():
+    assert perplexity.window_starts(40, SPEC) == [0, 8, 16, 24]
+    assert perplexity.window_starts(1000, SPEC) == [8 * i for i in range(10)]
+    with pytest.raises(UserError, match="fewer than one window"):
+        perplexity.window_starts(10, SPEC)
+
+
+def test_perplexity_equals_the_hand_computed_value():
+    backend = BigramBackend()
+    tokens = list(np.random.default_rng(1).integers(0, 32, size=200))
+    result = perplexity.evaluate(backend, tokens, SPEC)
+    nll = manual_nll(backend, tokens, SPEC)
+    assert result["ppl"]["n_tokens"] == len(nll) == 80
+    assert result["ppl"]["value"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-9)
+
+
+def test_kld_is_zero_against_itself_and_matches_the_definition(tmp_path):
+    reference_backend, other = BigramBackend(seed=0), BigramBackend(seed=0)
+    other.table = torch.log_softmax(other.table + 0.3 * torch.randn(32, 32, generator=torch.Generator().manual_seed(9)), -1)
+    tokens = list(np.random.default_rng(2).integers(0, 32, size=200))
+    n_tokens = SPEC.kld_windows * SPEC.stride
+    record = perplexity.open_record(tmp_path / "ref.npy", n_tokens, 32)
+    perplexity.evaluate(reference_backend, tokens, SPEC, record=record)
+    record.flush()
+    stored = perplexity.open_reference(tmp_path / "ref.npy", n_tokens)
+    same = perplexity.evaluate(reference_backend, tokens, SPEC, reference=stored)
+    assert abs(same["kld"]["mean"]) < 1e-3 and same["same_top1"]["mean"] == 1.0
+    moved = perplexity.evaluate(other, tokens, SPEC, reference=stored)
+    expected = []
+    for start in perplexity.window_starts(len(tokens), SPEC)[: SPEC.kld_windows]:
+        for position in range(start + SPEC.context - SPEC.stride, start + SPEC.context):
+            p = torch.from_numpy(np.float32(reference_backend.table[tokens[position - 1]].numpy().astype(np.float16)))
+            q = other.table[tokens[position - 1]]
+            expected.append(float((p.exp() * (p - q)).sum()))
+    assert moved["kld"]["n_tokens"] == n_tokens
+    assert moved["kld"]["mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert moved["kld"]["mean"] > 0.01 and moved["kld"]["se"] > 0
+    assert 0 < moved["same_top1"]["mean"] < 1
+
+
+def test_bleu_and_rouge_on_identical_and_disjoint_text():
+    same = ["the cat sat on the mat today", "a quick brown fox jumps over it"]
+    assert textsim.bleu(same, same)["score"] == pytest.approx(100.0)
+    assert textsim.rouge(same, same)["rougeL"]["mean"] == pytest.approx(1.0)
+    assert textsim.rouge(same, ["zebra yak", "quartz plinth"])["rouge1"]["mean"] == 0.0
+
+
+class Tok:
+    """A tokenizer stub for the letter and prompt paths: one token per character."""
+
+    chat_template = None
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 32 for c in text]
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(chr(97 + t % 26) for t in tokens)
+
+
+class LetterTok(Tok):
+    """' A'..' D' are tokens 1..4; other text one token per character (ids from 5)."""
+
+    def encode(self, text, add_special_tokens=False):
+        if text in (" A", " B", " C", " D"):
+            return [1 + "ABCD".index(text[1])]
+        return [5 + ord(c) % 27 for c in text]
+
+
+class PrefersC(BigramBackend):
+    def next_token_logprobs(self, tokens):
+        scores = torch.full((32,), -10.0)
+        scores[3] = -0.1  # ' C'
+        return scores
+
+
+def test_mmlu_scores_the_letter_with_the_highest_log_probability():
+    answers = [2, 2, 0, 1, 2, 3, 2, 0]
+    questions = [mmlu_data.Question("algebra" if i < 4 else "law", f"q{i}?", ("w", "x", "y", "z"), a)
+                 for i, a in enumerate(answers)]
+    prompts = [LetterTok().encode(mmlu_data.prompt(q, [])) for q in questions]
+    result = mmlu.evaluate(PrefersC(), LetterTok(), questions, prompts)
+    assert result["per_question_correct"] == [int(a == 2) for a in answers]
+    assert result["accuracy"]["mean"] == 4 / 8 and result["accuracy"]["n"] == 8
+    assert result["per_subject"]["algebra"]["mean"] == 0.5 and result["per_subject"]["law"]["mean"] == 0.5
+    with pytest.raises(UserError, match="splits"):  # ' A' is two characters, two tokens for this stub
+        mmlu.evaluate(PrefersC(), Tok(), questions, prompts)
+
+
+def test_generation_speed_and_quality_fields():
+    backend = BigramBackend(vocab=32)
+    requests = [Request(Task.CODE, "abc"), Request(Task.SUMMARIZATION, "defg", reference="some reference text")]
+    prompts = [generation.prompt_tokens(Tok(), r) for r in requests]
+    result = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5)
+    assert result["n_requests"] == 2 and len(result["outputs"]) == 2
+    assert result["decode_tokens_per_s"]["value"] == pytest.approx(4 / 0.004)
+    assert result["ttft_s"]["p50"] == pytest.approx(0.01)
+    assert result["summarization"]["bleu"]["n"] == 1
+    again = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5,
+                                reference_outputs=[o["text"] for o in result["outputs"]])
+    assert again["rougeL_vs_original"]["mean"] == pytest.approx(1.0) or all(not o["text"] for o in result["outputs"])
