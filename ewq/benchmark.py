@@ -160,7 +160,7 @@ def result_stem(variant: str, model_hash: str, settings: EvalSettings) -> str:
 def load_reference(out_dir: Path, model_hash: str, settings: EvalSettings) -> dict | None:
     path = out_dir / f"{result_stem(Variant.ORIGINAL.value, model_hash, settings)}.json"
     if not path.is_file():
-        log(f"warning: no original result with these settings ({path.name}); KLD and deltas will be null")
+        log(f"warning: no original result with these settings ({path.name}); KLD and deltas are left out")
         return None
     try:
         return json.loads(path.read_text())
@@ -196,7 +196,8 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
     metrics: dict = {"weights": backend.weights_report(), "memory_after_load": memory_after_load}
 
     spec = settings.window_spec
-    n_kld_tokens = min(spec.kld_windows, len(perplexity.window_starts(len(data.tokens), spec))) * spec.stride
+    starts = perplexity.window_starts(len(data.tokens), spec)
+    n_kld_tokens = min(spec.kld_windows, len(starts)) * spec.stride
     if is_reference:
         logprobs_path = out_dir / f"{stem}.logprobs.npy"
         with results.atomic_path(logprobs_path) as temp:
@@ -209,6 +210,10 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
     else:
         ref_array = None
         if reference is not None:
+            ref_digest = reference["metrics"]["perplexity"]["tokens_sha256_16"]
+            if perplexity.tokens_digest(data.tokens[: starts[-1] + spec.context]) != ref_digest:
+                raise UserError(f"the evaluation tokens differ from those of {reference['file']} "
+                                "(another text or tokenizer): re-run benchmark_original.py")
             ref_file = out_dir / reference["metrics"]["perplexity"]["kld_reference"]["file"]
             ref_array = perplexity.open_reference(ref_file, n_kld_tokens)
         metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, reference=ref_array)

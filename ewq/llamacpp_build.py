@@ -13,12 +13,11 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-from .assets import CACHE_DIR
+from .assets import CACHE_DIR, pip_download
 from .errors import UserError
 
 SDIST_SPEC = "llama-cpp-python==0.3.36"
@@ -52,9 +51,7 @@ def unpack_source(target: Path = SOURCE_DIR) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download_dir:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-q",
-                        "-d", download_dir, SDIST_SPEC], check=True)
-        (sdist,) = Path(download_dir).glob("llama_cpp_python-*.tar.gz")
+        sdist = pip_download(SDIST_SPEC, Path(download_dir), source=True)
         staging = Path(tempfile.mkdtemp(prefix=".src-", dir=target.parent))
         try:
             with tarfile.open(sdist) as archive:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh checkout: .venv with pinned packages, the offline default model and data.
+# Set up a fresh checkout: .venv with pinned packages, the offline default model and data (ewq/assets.py),
+# and llama.cpp built from source.
 # Idempotent: a second run checks a stamp and the prepared files and does nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.requirements.sha256
-want=$(cat requirements.txt requirements-data.txt | sha256sum | cut -d' ' -f1)
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
@@ -18,7 +19,6 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   # torch first and alone: a later resolver step then finds it satisfied and pulls no CUDA wheels.
   "$VENV/bin/pip" install -q --disable-pip-version-check "$(grep -E '^torch==' requirements.txt)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -r requirements-data.txt
   echo "$want" > "$STAMP"
 fi
 "$VENV/bin/python" -m ewq.assets

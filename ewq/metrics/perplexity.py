@@ -91,6 +91,8 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
                          "max": max(token_kld), "n_windows": kld_stats["n"], "n_tokens": len(token_kld)}
         result["same_top1"] = {"mean": top1_stats["mean"], "se": top1_stats["se"], "n_windows": top1_stats["n"],
                                "n_tokens": len(token_kld)}
+        result["per_window_kld"] = window_kld
+        result["per_window_same_top1"] = window_top1
     return result
 
 
