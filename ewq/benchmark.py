@@ -13,11 +13,11 @@ import json
 import math
 import time
 from argparse import ArgumentParser
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import assets, results, weights
+from . import assets, results
 from .backends.base import Backend
 from .cli import log, non_negative_int, positive_int
 from .data import mmlu as mmlu_data

@@ -24,7 +24,7 @@ from .backends.llamacpp import LlamaCppBackend
 from .cli import Parser, log, positive_int, run_main
 from .data import wiki
 from .errors import UserError
-from .plan import find_plan, load_plan, script_path
+from .plan import plan_for_model, script_path
 from .results import write_text_atomic
 from .runs import prepare_run
 
@@ -84,10 +84,7 @@ def build_file(kind: str, args, files, model_hash: str) -> tuple[Path, dict]:
                                            IMATRIX_CONTEXT, IMATRIX_CHUNKS)
     suffix = "-imat" if imatrix else ""
     if kind == "EWQ":
-        plan_file = args.plan or find_plan(args.plans_dir, model_hash)
-        plan = load_plan(plan_file)
-        if plan.model_hash != model_hash:
-            raise UserError(f"plan {plan_file} was made for model hash {plan.model_hash}, not this model ({model_hash})")
+        plan_file, plan = plan_for_model(model_hash, args.plan, args.plans_dir)
         script = script_path(Path(plan_file).parent, plan.plan_hash)
         if not script.is_file():
             raise UserError(f"{script} is missing; re-run create_quantization_plan.py")

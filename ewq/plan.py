@@ -324,3 +324,12 @@ def find_plan(out_dir: Path, model_hash: str) -> Path:
     if not candidates:
         raise UserError(f"no plan for model hash {model_hash} in {out_dir}; run create_quantization_plan.py first")
     return max(candidates)[1]
+
+
+def plan_for_model(model_hash: str, plan_file: Path | None, plans_dir: Path) -> tuple[Path, Plan]:
+    """The given plan, or the newest one in plans_dir for this model; refused if made for another model."""
+    path = Path(plan_file) if plan_file else find_plan(plans_dir, model_hash)
+    plan = load_plan(path)
+    if plan.model_hash != model_hash:
+        raise UserError(f"plan {path} was made for model hash {plan.model_hash}, not this model ({model_hash})")
+    return path, plan

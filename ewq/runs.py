@@ -3,13 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import benchmark, weights
 from .backends import hf
 from .cli import Parser, log
-from .errors import UserError
-from .plan import find_plan, load_plan
+from .plan import plan_for_model
 
 
 def _parser(description: str) -> Parser:
@@ -48,10 +45,7 @@ def ewq_main(argv=None) -> None:
     parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="where plans are looked up")
     args = parser.parse_args(argv)
     device, settings, files, model_hash = prepare_run(args)
-    plan_file = args.plan or find_plan(args.plans_dir, model_hash)
-    plan = load_plan(plan_file)
-    if plan.model_hash != model_hash:
-        raise UserError(f"plan {plan_file} was made for model hash {plan.model_hash}, not this model ({model_hash})")
+    plan_file, plan = plan_for_model(model_hash, args.plan, args.plans_dir)
     log(f"plan {plan_file} ({plan.plan_hash})")
     from . import bnb
 
