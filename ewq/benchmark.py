@@ -198,7 +198,9 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
     spec = settings.window_spec
     starts = perplexity.window_starts(len(data.tokens), spec)
     n_kld_tokens = min(spec.kld_windows, len(starts)) * spec.stride
-    if is_reference:
+    if is_reference and n_kld_tokens == 0:
+        metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec)
+    elif is_reference:
         logprobs_path = out_dir / f"{stem}.logprobs.npy"
         with results.atomic_path(logprobs_path) as temp:
             vocab = backend.logprobs(data.tokens[:2]).shape[-1]
@@ -214,6 +216,7 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
             if perplexity.tokens_digest(data.tokens[: starts[-1] + spec.context]) != ref_digest:
                 raise UserError(f"the evaluation tokens differ from those of {reference['file']} "
                                 "(another text or tokenizer): re-run benchmark_original.py")
+        if reference is not None and n_kld_tokens > 0:
             ref_file = out_dir / reference["metrics"]["perplexity"]["kld_reference"]["file"]
             ref_array = perplexity.open_reference(ref_file, n_kld_tokens)
         metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, reference=ref_array)

@@ -149,3 +149,10 @@ def test_generation_speed_and_quality_fields():
     again = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5,
                                 reference_outputs=[o["text"] for o in result["outputs"]])
     assert again["rougeL_vs_original"]["mean"] == pytest.approx(1.0) or all(not o["text"] for o in result["outputs"])
+
+
+def test_zero_kld_windows_gives_perplexity_without_kld():
+    spec = perplexity.WindowSpec(context=16, stride=8, max_windows=10, kld_windows=0)
+    tokens = list(np.random.default_rng(3).integers(0, 32, size=200))
+    result = perplexity.evaluate(BigramBackend(), tokens, spec, reference=np.zeros((0, 32), dtype=np.float16))
+    assert "kld" not in result and result["ppl"]["n_windows"] == 10

@@ -84,7 +84,7 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
                 "n_windows": len(starts), "n_tokens": len(starts) * spec.stride},
         "per_window_nll": window_nll,
     }
-    if reference is not None:
+    if reference is not None and token_kld:
         kld_stats = mean_se(window_kld)
         top1_stats = mean_se(window_top1)
         result["kld"] = {"mean": kld_stats["mean"], "se": kld_stats["se"], "p99": percentile(token_kld, 99),
