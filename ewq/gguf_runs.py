@@ -113,8 +113,7 @@ def main(argv=None, kind: str | None = None) -> None:
     data = benchmark.load_data(tokenizer, settings)
     extra: dict = {}
     if args.gguf is not None:
-        path = args.gguf
-        gguf_files.read_tensors(path)  # refuses a file that is not GGUF
+        path = args.gguf  # describe() below refuses a file that is not GGUF, before any work
         extra["imatrix"] = None  # unknown for a file built elsewhere
     else:
         path, extra = build_file(kind, args, files, model_hash)
