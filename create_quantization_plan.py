@@ -5,13 +5,18 @@ Writes quantized_models/quant_plan_<hash>.json and quantize_command_<hash>.sh (l
 """
 from __future__ import annotations
 
+import collections
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
 from ewq import assets
-from ewq.cli import Parser, log, non_negative_float, non_negative_int, positive_int, run_main
-from ewq.plan import Granularity, PlanParams
+from ewq.budget import Score, file_digest, parse_size
+from ewq import weights
+from ewq.cli import Parser, dry_run, log, non_negative_float, non_negative_int, positive_float, positive_int, run_main
+from ewq.errors import UserError
+from ewq.plan import Granularity, PlanParams, plan_hash, plan_path, script_path
 from ewq.planning import create_plan, write_plan
+from ewq.results import check_writable_dir
 
 
 def parse_args(argv):
@@ -30,21 +35,57 @@ def parse_args(argv):
                         help="keep the output projection in fp16")
     parser.add_argument("--min-params", type=non_negative_int, default=PlanParams.min_params,
                         help="keep matrices with fewer parameters than this in fp16")
+    budget = parser.add_argument_group("size-budget plans (instead of the thresholds)")
+    target = budget.add_mutually_exclusive_group()
+    target.add_argument("--target-bpw", type=positive_float, help="bits per weight over all tensors, as read back")
+    target.add_argument("--target-size", help="tensor bytes (e.g. 98.9MiB, 104MB) or a .gguf file to match in size")
+    budget.add_argument("--score", choices=[s.value for s in Score], default=Score.ENTROPY.value,
+                        help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control)")
+    budget.add_argument("--seed", type=int, default=PlanParams.seed, help="seed of --score random")
+    budget.add_argument("--imatrix", type=Path, help="llama-imatrix GGUF weighting the columns of --score error")
     parser.add_argument("--out-dir", type=Path, default=Path("quantized_models"), help="where the plan is written")
-    return parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="validate the inputs, print what would run, write nothing")
+    args = parser.parse_args(argv)
+    if args.target_bpw is None and args.target_size is None and args.score != Score.ENTROPY.value:
+        parser.error(f"--score {args.score} ranks tensors for a size budget: give --target-bpw or --target-size")
+    if args.imatrix is not None and args.score != Score.ERROR.value:
+        parser.error("--imatrix weights the quantization error: it goes with --score error")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     params = PlanParams(granularity=Granularity(args.granularity), entropy_factor=args.entropy_factor,
                         fp16_factor=args.fp16_factor, bins=args.bins, keep_embeddings=args.keep_embeddings,
-                        keep_lm_head=args.keep_lm_head, min_params=args.min_params)
-    plan = create_plan(args.model, params)
+                        keep_lm_head=args.keep_lm_head, min_params=args.min_params, target_bpw=args.target_bpw,
+                        target_bytes=parse_size(args.target_size) if args.target_size else None, score=args.score,
+                        seed=args.seed if args.score == Score.RANDOM.value else PlanParams.seed,
+                        imatrix_digest=file_digest(args.imatrix) if args.imatrix and args.imatrix.is_file() else None)
+    if args.imatrix is not None and params.imatrix_digest is None:
+        raise UserError(f"importance matrix not found: {args.imatrix}")
+    files = weights.open_model(args.model)
+    check_writable_dir(args.out_dir)
+    if args.dry_run:
+        plan_hash_ = plan_hash(weights.model_hash(files), params)
+        rule = (f"size budget {args.target_bpw or args.target_size}, ranked by {params.score}" if params.is_budget
+                else f"entropy thresholds K={params.entropy_factor}, J={params.fp16_factor} at {params.granularity.value} level")
+        return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
+                        f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",
+                        f"decide by {rule}",
+                        f"write {plan_path(args.out_dir, plan_hash_)}", f"write {script_path(args.out_dir, plan_hash_)}"])
+    plan = create_plan(args.model, params, args.imatrix)
     json_path, script = write_plan(plan, args.out_dir)
     summary = plan.summary()
     matrices = summary["matrices_by_precision"]
     log("plan: " + ", ".join(f"{p}: {c['tensors']} matrices" for p, c in matrices.items())
         + f"; blocks {summary['blocks_by_precision']}")
+    if plan.budget:
+        types = collections.Counter(t.llama_type for t in plan.tensors if t.is_matrix)
+        log("gguf types: " + ", ".join(f"{name} {count}" for name, count in sorted(types.items())))
+        log(f"budget {plan.budget['budget_bits_per_weight']:.3f} bits/weight: gguf reaches "
+            f"{plan.budget['gguf']['bits_per_weight']:.3f}, bitsandbytes {plan.budget['bitsandbytes']['bits_per_weight']:.3f}"
+            + ("" if plan.budget["bitsandbytes"]["meets_budget"] else
+               f" (its floor {plan.budget['bitsandbytes']['floor_bits_per_weight']:.3f} exceeds the budget: all nf4)"))
     log(f"estimated bits/weight: gguf {summary['estimated_bits_per_weight']['gguf']:.2f}, "
         f"bitsandbytes {summary['estimated_bits_per_weight']['bitsandbytes']:.2f}")
     print(json_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from argparse import ArgumentParser
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from . import assets, results
 from .backends.base import Backend
+from .checkpoint import CHECKPOINT_DIR, Checkpoint
 from .cli import log, non_negative_int, positive_int
 from .data import mmlu as mmlu_data
 from .data import prompts, wiki
@@ -27,6 +29,9 @@ from .metrics import generation, memory, mmlu, perplexity
 from .metrics.stats import paired_difference
 
 GENSIM_WIKI, WIKITEXT2 = "gensim-wiki", "wikitext2"
+
+
+OPTIONAL_STAGES = ("mmlu", "generation")
 
 
 class Variant(str, Enum):
@@ -74,6 +79,11 @@ def add_common_args(parser: ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_results"))
     parser.add_argument("--quick", action="store_true", help="small limits: a smoke run of a few minutes on CPU")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run of the same variant and settings from its checkpoint")
+    parser.add_argument("--dry-run", action="store_true", help="validate the inputs, print what would run, write nothing")
+    parser.add_argument("--skip", action="append", choices=list(OPTIONAL_STAGES), default=[],
+                        help="leave a stage out (repeatable); perplexity and KLD always run")
     group = parser.add_argument_group("evaluation settings (default: full preset; --quick: quick preset)")
     group.add_argument("--eval-text", help=f"'{GENSIM_WIKI}' (offline, shipped), '{WIKITEXT2}' (hub), or a .txt path")
     group.add_argument("--context", type=positive_int, help="perplexity window length in tokens")
@@ -153,8 +163,9 @@ def load_data(tokenizer, settings: EvalSettings) -> EvalData:
 
 # --- the run ---------------------------------------------------------------------------------
 
-def result_stem(variant: str, model_hash: str, settings: EvalSettings) -> str:
-    return f"{variant}_{model_hash}_{settings.digest}"
+def result_stem(variant: str, model_hash: str, settings: EvalSettings, tag: str | None = None) -> str:
+    """<variant>[-<tag>]_<model hash>_<settings digest>; the tag tells plans of one variant apart."""
+    return f"{variant}{'-' + tag if tag else ''}_{model_hash}_{settings.digest}"
 
 
 def load_reference(out_dir: Path, model_hash: str, settings: EvalSettings) -> dict | None:
@@ -172,61 +183,84 @@ def compare(metrics: dict, reference: dict) -> dict:
     """Paired deltas vs the original on the same windows and questions."""
     ref = reference["metrics"]
     nll = paired_difference(metrics["perplexity"]["per_window_nll"], ref["perplexity"]["per_window_nll"])
-    acc = paired_difference(metrics["mmlu"]["per_question_correct"], ref["mmlu"]["per_question_correct"])
-    return {
-        "reference_file": reference["file"],
-        "mean_nll_delta": nll,
-        "ppl_ratio": math.exp(nll["mean"]),
-        "mmlu_accuracy_delta": acc,
-    }
+    out = {"reference_file": reference["file"], "mean_nll_delta": nll, "ppl_ratio": math.exp(nll["mean"])}
+    if "mmlu" in metrics:
+        out["mmlu_accuracy_delta"] = paired_difference(metrics["mmlu"]["per_question_correct"],
+                                                       ref["mmlu"]["per_question_correct"])
+    return out
+
+
+def _perplexity_stage(backend: Backend, data: EvalData, is_reference: bool, reference: dict | None, out_dir: Path,
+                      stem: str, ckpt: Checkpoint) -> dict:
+    """Perplexity on every window; the original also records its log-probs (the KLD reference)
+    into a checkpoint file that is committed beside the result; variants read that reference."""
+    spec = data.settings.window_spec
+    starts = perplexity.window_starts(len(data.tokens), spec)
+    n_kld_tokens = min(spec.kld_windows, len(starts)) * spec.stride
+    if is_reference:
+        if n_kld_tokens == 0:
+            return perplexity.evaluate(backend, data.tokens, spec)
+        with results.atomic_path(ckpt.file(".logprobs.npy")) as temp:
+            vocab = backend.logprobs(data.tokens[:2]).shape[-1]
+            record = perplexity.open_record(temp, n_kld_tokens, vocab)
+            out = perplexity.evaluate(backend, data.tokens, spec, record=record)
+            record.flush()
+            del record
+        out["kld_reference"] = {"file": f"{stem}.logprobs.npy", "n_tokens": n_kld_tokens, "vocab": vocab}
+        return out
+    ref_array = None
+    if reference is not None:
+        ref_digest = reference["metrics"]["perplexity"]["tokens_sha256_16"]
+        if perplexity.tokens_digest(data.tokens[: starts[-1] + spec.context]) != ref_digest:
+            raise UserError(f"the evaluation tokens differ from those of {reference['file']} "
+                            "(another text or tokenizer): re-run benchmark_original.py")
+        if n_kld_tokens > 0:
+            ref_file = out_dir / reference["metrics"]["perplexity"]["kld_reference"]["file"]
+            ref_array = perplexity.open_reference(ref_file, n_kld_tokens)
+    return perplexity.evaluate(backend, data.tokens, spec, reference=ref_array)
 
 
 def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: str, model_id: str,
-        out_dir: Path, extra: dict | None = None) -> Path:
-    """Run every metric on `backend` and write the result; `data` comes from load_data()."""
+        out_dir: Path, extra: dict | None = None, tag: str | None = None, skip: tuple[str, ...] = (),
+        resume: bool = False) -> Path:
+    """Run every metric on `backend` (but the stages in `skip`) and write the result; `data`
+    comes from load_data(). Finished stages are checkpointed; `resume` continues from them."""
     settings = data.settings
     out_dir = results.ensure_writable_dir(out_dir)
-    stem = result_stem(variant, model_hash, settings)
-    json_path = out_dir / f"{stem}.json"
     is_reference = variant == Variant.ORIGINAL.value
+    if is_reference and skip:
+        raise UserError("the original run is every variant's reference: it cannot skip stages")
+    stem = result_stem(variant, model_hash, settings, tag)
+    json_path = out_dir / f"{stem}.json"
     reference = None if is_reference else load_reference(out_dir, model_hash, settings)
     memory_after_load = memory.snapshot()
     memory.reset_gpu_peak()
     started = time.time()
-    metrics: dict = {"weights": backend.weights_report(), "memory_after_load": memory_after_load}
+    weights_report = backend.weights_report()
+    fingerprint = json.loads(json.dumps({"variant": variant, "tag": tag, "model_hash": model_hash,
+                                         "settings": settings.digest, "weights": weights_report,
+                                         "reference": reference and reference["created_utc"]}))
+    ckpt = Checkpoint(out_dir, stem, fingerprint, resume)
+    resumed = sorted(ckpt.state["stages"]) + sorted(f"{k} (partial)" for k in ckpt.state["partial"])
+    metrics: dict = {"weights": weights_report, "memory_after_load": memory_after_load}
 
-    spec = settings.window_spec
-    starts = perplexity.window_starts(len(data.tokens), spec)
-    n_kld_tokens = min(spec.kld_windows, len(starts)) * spec.stride
-    if is_reference and n_kld_tokens == 0:
-        metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec)
-    elif is_reference:
-        logprobs_path = out_dir / f"{stem}.logprobs.npy"
-        with results.atomic_path(logprobs_path) as temp:
-            vocab = backend.logprobs(data.tokens[:2]).shape[-1]
-            record = perplexity.open_record(temp, n_kld_tokens, vocab)
-            metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, record=record)
-            record.flush()
-            del record
-        metrics["perplexity"]["kld_reference"] = {"file": logprobs_path.name, "n_tokens": n_kld_tokens, "vocab": vocab}
-    else:
-        ref_array = None
+    metrics["perplexity"] = ckpt.finished("perplexity")
+    if metrics["perplexity"] is None:
+        metrics["perplexity"] = _perplexity_stage(backend, data, is_reference, reference, out_dir, stem, ckpt)
+        ckpt.finish("perplexity", metrics["perplexity"])
+    if "mmlu" not in skip:
+        metrics["mmlu"] = ckpt.finished("mmlu") or mmlu.evaluate(
+            backend, tokenizer, data.mmlu_sample, data.mmlu_prompts, done=ckpt.partial("mmlu"),
+            on_progress=lambda done: ckpt.save_partial("mmlu", done))
+        ckpt.finish("mmlu", metrics["mmlu"])
+    if "generation" not in skip:
+        reference_outputs = None
         if reference is not None:
-            ref_digest = reference["metrics"]["perplexity"]["tokens_sha256_16"]
-            if perplexity.tokens_digest(data.tokens[: starts[-1] + spec.context]) != ref_digest:
-                raise UserError(f"the evaluation tokens differ from those of {reference['file']} "
-                                "(another text or tokenizer): re-run benchmark_original.py")
-        if reference is not None and n_kld_tokens > 0:
-            ref_file = out_dir / reference["metrics"]["perplexity"]["kld_reference"]["file"]
-            ref_array = perplexity.open_reference(ref_file, n_kld_tokens)
-        metrics["perplexity"] = perplexity.evaluate(backend, data.tokens, spec, reference=ref_array)
-
-    metrics["mmlu"] = mmlu.evaluate(backend, tokenizer, data.mmlu_sample, data.mmlu_prompts)
-    reference_outputs = None
-    if reference is not None:
-        reference_outputs = [o["text"] for o in reference["metrics"]["generation"]["outputs"]]
-    metrics["generation"] = generation.evaluate(backend, tokenizer, data.requests, data.request_prompts,
-                                                settings.max_new_tokens, reference_outputs)
+            reference_outputs = [o["text"] for o in reference["metrics"]["generation"]["outputs"]]
+        metrics["generation"] = ckpt.finished("generation") or generation.evaluate(
+            backend, tokenizer, data.requests, data.request_prompts, settings.max_new_tokens, reference_outputs,
+            done=ckpt.partial("generation"), on_progress=lambda done: ckpt.save_partial("generation", done))
+        ckpt.finish("generation", metrics["generation"])
     metrics["memory_peak"] = memory.snapshot()
     metrics["eval_seconds"] = time.time() - started
 
@@ -234,28 +268,58 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
         "schema_version": results.RESULT_SCHEMA_VERSION,
         "file": json_path.name,
         "variant": variant,
+        "tag": tag,
+        "skipped_stages": sorted(skip),
         "model": model_id,
         "model_hash": model_hash,
         "settings": {**asdict(settings), "digest": settings.digest},
         "backend": backend.describe(),
         "environment": results.environment(),
         "created_utc": results.timestamp(),
+        "resumed_stages": resumed,
         **(extra or {}),
         "metrics": metrics,
     }
     if reference is not None:
         result["comparison_vs_original"] = compare(metrics, reference)
+    logprobs = ckpt.file(".logprobs.npy")
+    if logprobs.is_file():  # the new reference goes in together with its result
+        os.replace(logprobs, out_dir / logprobs.name)
     results.write_json_atomic(json_path, result)
+    ckpt.remove()
     return json_path
+
+
+def planned_run(variant: str, tag: str | None, model_hash: str, data: EvalData, out_dir: Path, resume: bool,
+                skip: tuple[str, ...] = ()) -> list[str]:
+    """The --dry-run description of run()."""
+    settings = data.settings
+    stem = result_stem(variant, model_hash, settings, tag)
+    n_windows = len(perplexity.window_starts(len(data.tokens), settings.window_spec))
+    stages = [f"perplexity on {n_windows} windows of {settings.context} tokens (KLD on "
+              f"{min(settings.kld_windows, n_windows)})"]
+    if "mmlu" not in skip:
+        stages.append(f"MMLU on {len(data.mmlu_sample)} questions ({settings.mmlu_shots}-shot)")
+    if "generation" not in skip:
+        stages.append(f"{len(data.requests)} greedy generations of {settings.max_new_tokens} tokens")
+    lines = [f"evaluate {variant} on {settings.device}, settings {settings.digest}: " + "; ".join(stages)]
+    checkpoint = out_dir / CHECKPOINT_DIR / f"{stem}.json"
+    if resume:
+        lines.append(f"resume from {checkpoint}" if checkpoint.is_file() else f"start fresh (no {checkpoint})")
+    lines.append(f"write {out_dir / (stem + '.json')}"
+                 + (f" and {stem}.logprobs.npy" if variant == Variant.ORIGINAL.value else ""))
+    return lines
 
 
 def summary_line(path: Path) -> str:
     data = json.loads(path.read_text())
     m = data["metrics"]
-    parts = [f"{data['variant']}: ppl {m['perplexity']['ppl']['value']:.3f}",
-             f"MMLU {100 * m['mmlu']['accuracy']['mean']:.1f}% (n={m['mmlu']['accuracy']['n']})",
-             f"{m['generation']['decode_tokens_per_s']['value']:.1f} tok/s",
-             f"{m['weights']['bits_per_weight']:.2f} bpw"]
+    parts = [f"{data['variant']}: ppl {m['perplexity']['ppl']['value']:.3f}"]
+    if "mmlu" in m:
+        parts.append(f"MMLU {100 * m['mmlu']['accuracy']['mean']:.1f}% (n={m['mmlu']['accuracy']['n']})")
+    if "generation" in m:
+        parts.append(f"{m['generation']['decode_tokens_per_s']['value']:.1f} tok/s")
+    parts.append(f"{m['weights']['bits_per_weight']:.2f} bpw")
     if "kld" in m["perplexity"]:
         parts.insert(1, f"KLD {m['perplexity']['kld']['mean']:.4f}")
     return ", ".join(parts)

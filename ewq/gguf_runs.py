@@ -13,15 +13,16 @@ import json
 import subprocess
 import sys
 from argparse import BooleanOptionalAction
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import assets, benchmark, gguf_files, llamacpp_build
+from . import assets, benchmark, gguf_files, llamacpp_build, results
 from .benchmark import Variant
 from .backends import hf
 from .backends.llamacpp import LlamaCppBackend
-from .cli import Parser, log, positive_int, run_main
+from .cli import Parser, dry_run, log, positive_int, run_main
 from .data import wiki
 from .errors import UserError
 from .plan import plan_for_model, script_path
@@ -71,31 +72,62 @@ def llama_bench(path: Path, device: str, threads: int) -> dict:
     return out
 
 
-def build_file(kind: str, args, files, model_hash: str) -> tuple[Path, dict]:
+@dataclass
+class Files:
+    """The GGUF files one run uses, cached by name in --gguf-dir (see the module doc)."""
+    f16: Path
+    imatrix: Path | None
+    target: Path
+    plan_file: Path | None = None
+    plan: object = None  # ewq.plan.Plan for EWQ
+    script: Path | None = None
+
+
+def files_for(kind: str, args, model_hash: str) -> Files:
     gguf_dir = args.gguf_dir
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    f16 = gguf_files.convert_f16(files.root, gguf_dir / f"{model_hash}-F16.gguf")
-    extra: dict = {}
+    f16 = gguf_dir / f"{model_hash}-F16.gguf"
     if kind == "F16":
-        return f16, extra
-    imatrix = None
-    if args.imatrix:
-        imatrix = gguf_files.build_imatrix(f16, calibration_file(gguf_dir), gguf_dir / f"{model_hash}-imatrix.gguf",
-                                           IMATRIX_CONTEXT, IMATRIX_CHUNKS)
+        return Files(f16, None, f16)
+    imatrix = gguf_dir / f"{model_hash}-imatrix.gguf" if args.imatrix else None
     suffix = "-imat" if imatrix else ""
-    if kind == "EWQ":
-        plan_file, plan = plan_for_model(model_hash, args.plan, args.plans_dir)
-        script = script_path(Path(plan_file).parent, plan.plan_hash)
-        if not script.is_file():
-            raise UserError(f"{script} is missing; re-run create_quantization_plan.py")
-        target = gguf_files.quantize_with_plan(script, f16, gguf_dir / f"{model_hash}-EWQ-{plan.plan_hash}{suffix}.gguf",
-                                               imatrix)
-        extra["plan_hash"] = plan.plan_hash
-        extra["plan_file"] = str(plan_file)
-        extra["plan_check"] = gguf_files.verify_plan(plan, target)
-    else:
-        target = gguf_files.quantize(f16, gguf_dir / f"{model_hash}-{kind}{suffix}.gguf", kind, imatrix)
-    return target, extra
+    if kind != "EWQ":
+        return Files(f16, imatrix, gguf_dir / f"{model_hash}-{kind}{suffix}.gguf")
+    plan_file, plan = plan_for_model(model_hash, args.plan, args.plans_dir)
+    script = script_path(Path(plan_file).parent, plan.plan_hash)
+    if not script.is_file():
+        raise UserError(f"{script} is missing; re-run create_quantization_plan.py")
+    return Files(f16, imatrix, gguf_dir / f"{model_hash}-EWQ-{plan.plan_hash}{suffix}.gguf", plan_file, plan, script)
+
+
+def planned_files(files: Files, model_dir: Path) -> list[str]:
+    def state(path: Path) -> str:
+        return "cached" if path.is_file() else "to build"
+
+    lines = [f"F16 GGUF {files.f16} ({state(files.f16)}, from {model_dir})"]
+    if files.imatrix:
+        lines.append(f"importance matrix {files.imatrix} ({state(files.imatrix)}, {IMATRIX_CHUNKS} x "
+                     f"{IMATRIX_CONTEXT}-token chunks of calibration text)")
+    if files.target != files.f16:
+        how = f"plan {files.plan.plan_hash} via {files.script}" if files.plan else "llama-quantize"
+        lines.append(f"quantized GGUF {files.target} ({state(files.target)}, {how})")
+    return lines
+
+
+def build(kind: str, files: Files, model_dir: Path) -> dict:
+    """Build what is missing; return the plan check for EWQ."""
+    files.f16.parent.mkdir(parents=True, exist_ok=True)
+    gguf_files.convert_f16(model_dir, files.f16)
+    if files.imatrix:
+        gguf_files.build_imatrix(files.f16, calibration_file(files.f16.parent), files.imatrix,
+                                 IMATRIX_CONTEXT, IMATRIX_CHUNKS)
+    if kind == "F16":
+        return {}
+    if files.plan is not None:
+        gguf_files.quantize_with_plan(files.script, files.f16, files.target, files.imatrix)
+        return {"plan_hash": files.plan.plan_hash, "plan_file": str(files.plan_file),
+                "plan_check": gguf_files.verify_plan(files.plan, files.target)}
+    gguf_files.quantize(files.f16, files.target, kind, files.imatrix)
+    return {}
 
 
 def main(argv=None, kind: str | None = None) -> None:
@@ -108,17 +140,28 @@ def main(argv=None, kind: str | None = None) -> None:
     needed = ["llama-bench"] + ([] if args.gguf else ["llama-quantize", "llama-imatrix"])
     for name in needed:
         llamacpp_build.tool(name)  # fail before any work if llama.cpp is not built
-    device, settings, files, model_hash = prepare_run(args)
-    tokenizer = hf.load_tokenizer(files.root)
-    data = benchmark.load_data(tokenizer, settings)
-    extra: dict = {}
+    device, settings, model_files, model_hash = prepare_run(args)
+    files = None
     if args.gguf is not None:
-        path = args.gguf  # describe() below refuses a file that is not GGUF, before any work
-        extra["imatrix"] = None  # unknown for a file built elsewhere
+        report = gguf_files.describe(args.gguf)  # refuses a file that is not GGUF, before any work
     else:
-        path, extra = build_file(kind, args, files, model_hash)
-        extra["imatrix"] = bool(args.imatrix) and kind != "F16"
-    report = gguf_files.describe(path)
+        files = files_for(kind, args, model_hash)
+        results.check_writable_dir(args.gguf_dir)
+    tokenizer = hf.load_tokenizer(model_files.root)
+    data = benchmark.load_data(tokenizer, settings)
+    tag = files.plan.plan_hash if files and files.plan else None
+    if args.dry_run:
+        source = [f"use {args.gguf} ({report['bits_per_weight']:.2f} bits/weight)"] if files is None else \
+            planned_files(files, model_files.root)
+        return dry_run([*source, f"llama-bench pp{BENCH_PROMPT}/tg{BENCH_GEN}",
+                        *benchmark.planned_run(KINDS[kind], tag, model_hash, data, args.out_dir, args.resume,
+                                               tuple(args.skip))])
+    if files is None:
+        path, extra = args.gguf, {"imatrix": None}  # unknown for a file built elsewhere
+    else:
+        path, extra = files.target, build(kind, files, model_files.root)
+        extra["imatrix"] = files.imatrix is not None
+        report = gguf_files.describe(path)
     extra["gguf"] = report
     log(f"{path}: {report['bits_per_weight']:.2f} bits/weight, {report['file_bytes'] / 2**20:.1f} MiB, "
         f"types {report['type_histogram']}")
@@ -126,7 +169,8 @@ def main(argv=None, kind: str | None = None) -> None:
     extra["llama_bench"] = llama_bench(path, device, threads)
     n_ctx = -(-data.longest_sequence // 256) * 256
     backend = LlamaCppBackend(path, device, KINDS[kind], n_ctx, report, threads=threads)
-    out = benchmark.run(KINDS[kind], backend, tokenizer, data, model_hash, args.model, args.out_dir, extra=extra)
+    out = benchmark.run(KINDS[kind], backend, tokenizer, data, model_hash, args.model, args.out_dir, extra=extra,
+                        tag=tag, skip=tuple(args.skip), resume=args.resume)
     log(benchmark.summary_line(out))
     print(out)
 

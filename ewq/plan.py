@@ -11,6 +11,7 @@ under `min_params` parameters on request.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -51,6 +52,9 @@ VECTOR_LLAMA_TYPE = "F32"  # llama.cpp keeps 1-D tensors in F32
 # double-quantized absmax (8-bit absmax per block + fp32 per 256 blocks).
 BNB_NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
+BUDGET_RULE = ("size budget (ewq.budget): matrices ranked by `score`, highest first, lifted one rung at a time "
+               "in rounds while the budget allows; GGUF ladder Q4_K/Q5_K/Q6_K/Q8_0/F16 (Q4_0/Q5_0 where K blocks "
+               "do not divide rows), bitsandbytes ladder nf4/int8/fp16; the thresholds below are recorded only")
 _BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "token_embd")
 
@@ -64,6 +68,21 @@ class PlanParams:
     keep_embeddings: bool = True
     keep_lm_head: bool = True
     min_params: int = 0
+    # size-budget plans (ewq.budget); None/defaults = the threshold rule above
+    target_bpw: float | None = None
+    target_bytes: int | None = None
+    score: str = "entropy"
+    seed: int = 0
+    imatrix_digest: str | None = None
+
+    @property
+    def is_budget(self) -> bool:
+        return self.target_bpw is not None or self.target_bytes is not None
+
+
+# Parameters added after schema 1 plans were written: left out of the plan hash while at their
+# defaults, so that earlier plans keep their hash (and file name).
+_LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None}
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,7 @@ class TensorEntry:
     precision: Precision = Precision.FP16
     llama_type: str = "F16"
     reason: str = ""
+    rank_score: float | None = None  # the score a size-budget plan ranked this tensor by
 
     @property
     def is_matrix(self) -> bool:
@@ -132,6 +152,7 @@ class Plan:
     tensors: list[TensorEntry]
     blocks: list[BlockEntry]
     thresholds: dict[str, Thresholds]
+    budget: dict | None = None  # what a size-budget plan reached (ewq.budget.assign)
     created_unix: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
 
@@ -175,12 +196,15 @@ class Plan:
                         "block_score": "parameter-weighted mean of the block's matrix entropies"},
             "params": {**asdict(self.params), "granularity": self.params.granularity.value},
             "decision_rule": {
+                "rule": "budget" if self.params.is_budget else "threshold",
+                "budget": BUDGET_RULE if self.params.is_budget else None,
                 "fp16": "score >= mean + fp16_factor*std",
                 "8bit": "mean - entropy_factor*std <= score < mean + fp16_factor*std",
                 "4bit": "score < mean - entropy_factor*std",
                 "thresholds": {level: asdict(th) for level, th in self.thresholds.items()},
             },
             "summary": self.summary(),
+            "budget": self.budget,
             "blocks": [{**asdict(b), "precision": b.precision.value} for b in self.blocks],
             "tensors": [{**asdict(t), "precision": t.precision.value} for t in self.tensors],
         }
@@ -195,7 +219,9 @@ def bnb_bits_per_weight(t: TensorEntry) -> float:
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:
-    payload = json.dumps({"model": model_hash, **asdict(params), "granularity": params.granularity.value}, sort_keys=True)
+    values = {key: value for key, value in asdict(params).items()
+              if key not in _LATER_PARAMS or value != _LATER_PARAMS[key]}
+    payload = json.dumps({"model": model_hash, **values, "granularity": params.granularity.value}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -204,12 +230,24 @@ def block_index(hf_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_embedding(t: TensorEntry) -> bool:
+    return any(key in t.hf_name for key in _EMBEDDING_NAMES)
+
+
+def is_lm_head(t: TensorEntry) -> bool:
+    return t.hf_name.startswith("lm_head") or t.gguf_name == "output.weight"
+
+
+def is_embedding_or_head(t: TensorEntry) -> bool:
+    return is_embedding(t) or is_lm_head(t)
+
+
 def keep_reason(t: TensorEntry, params: PlanParams) -> str | None:
     if not t.is_matrix:
         return "keep:vector"
-    if params.keep_embeddings and any(key in t.hf_name for key in _EMBEDDING_NAMES):
+    if params.keep_embeddings and is_embedding(t):
         return "keep:embedding"
-    if params.keep_lm_head and (t.hf_name.startswith("lm_head") or t.gguf_name == "output.weight"):
+    if params.keep_lm_head and is_lm_head(t):
         return "keep:lm_head"
     if t.numel < params.min_params:
         return "keep:small"
@@ -265,7 +303,8 @@ def script_path(out_dir: Path, plan_hash_: str) -> Path:
     return Path(out_dir) / f"{SCRIPT_PREFIX}{plan_hash_}.sh"
 
 
-_TENSOR_FIELDS = {f for f in TensorEntry.__dataclass_fields__}
+_TENSOR_FIELDS = {name for name, f in TensorEntry.__dataclass_fields__.items()
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
 
 def plan_from_json(data: dict, source: str) -> Plan:
@@ -290,7 +329,8 @@ def plan_from_json(data: dict, source: str) -> Plan:
         blocks = [BlockEntry(**{**b, "precision": Precision(b["precision"])}) for b in data["blocks"]]
         thresholds = {k: Thresholds(**v) for k, v in data["decision_rule"]["thresholds"].items()}
         plan = Plan(model_id=model["id"], model_hash=model["hash"], model_type=model["model_type"], params=params,
-                    tensors=tensors, blocks=blocks, thresholds=thresholds, created_unix=data["created_unix"])
+                    tensors=tensors, blocks=blocks, thresholds=thresholds, budget=data.get("budget"),
+                    created_unix=data["created_unix"])
     except UserError as error:
         raise bad(str(error).removeprefix(f"plan {source} is invalid: ")) from None
     except (KeyError, TypeError, ValueError) as error:

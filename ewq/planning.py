@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import llamacpp, plan as plan_mod, weights
+from . import budget, ggml_quant, llamacpp, plan as plan_mod, weights
 from .cli import log, progress
 from .entropy import tensor_stats
 from .errors import UserError
@@ -37,14 +37,42 @@ def analyse_model(files: weights.ModelFiles, bins: int) -> list[plan_mod.TensorE
     return entries
 
 
-def create_plan(model: str, params: plan_mod.PlanParams) -> plan_mod.Plan:
+def create_plan(model: str, params: plan_mod.PlanParams, imatrix: Path | None = None) -> plan_mod.Plan:
     files = weights.open_model(model)
     log(f"model {files.root} ({files.model_type}, {files.num_layers} blocks, {len(files.weight_files)} file(s))")
     model_hash = weights.model_hash(files)
     tensors = analyse_model(files, params.bins)
     blocks, thresholds = plan_mod.decide(tensors, params)
+    reached = apply_budget(files, tensors, blocks, params, imatrix) if params.is_budget else None
     return plan_mod.Plan(model_id=model, model_hash=model_hash, model_type=files.model_type, params=params,
-                         tensors=tensors, blocks=blocks, thresholds=thresholds)
+                         tensors=tensors, blocks=blocks, thresholds=thresholds, budget=reached)
+
+
+def apply_budget(files: weights.ModelFiles, tensors: list[plan_mod.TensorEntry], blocks: list[plan_mod.BlockEntry],
+                 params: plan_mod.PlanParams, imatrix: Path | None) -> dict:
+    """Replace the threshold decision by a size-budget allocation (ewq.budget); blocks get the
+    bitsandbytes precision that holds most of their parameters."""
+    total = sum(t.numel for t in tensors)
+    budget_bits = params.target_bpw * total if params.target_bpw is not None else params.target_bytes * 8
+    kept = {t.hf_name: plan_mod.keep_reason(t, params) for t in tensors}
+    ranked = [t for t in tensors if t.is_matrix and kept[t.hf_name] is None]
+    score = budget.Score(params.score)
+    if score is budget.Score.ENTROPY:
+        scores = {t.hf_name: t.entropy_bits for t in ranked}
+    elif score is budget.Score.RANDOM:
+        scores = budget.random_scores(ranked, params.seed)
+    else:
+        scores = budget.error_scores(files, ranked, ggml_quant.load_imatrix(imatrix) if imatrix else None)
+    for t in ranked:
+        t.rank_score = scores[t.hf_name]
+    reached = budget.assign(tensors, kept, scores, score, budget_bits)
+    for block in blocks:
+        held: dict[plan_mod.Precision, int] = {}
+        for t in tensors:
+            if t.block == block.index and t.is_matrix:
+                held[t.precision] = held.get(t.precision, 0) + t.numel
+        block.precision = max(held, key=held.get) if held else block.precision
+    return reached
 
 
 def write_plan(plan: plan_mod.Plan, out_dir: Path) -> tuple[Path, Path]:

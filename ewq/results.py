@@ -14,22 +14,74 @@ from .errors import UserError
 RESULT_SCHEMA_VERSION = 1
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` if needed and prove it writable by creating a file in it (os.access says yes
+    to root on a read-only mount); remove temporary files left there by killed runs."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create output directory {path}: {error.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {path} is not writable")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ewq-write-probe.", dir=path)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UserError(f"output directory {path} is not writable: {error.strerror}") from None
+    remove_stale_partials(path)
     return path
+
+
+def check_writable_dir(path: Path) -> Path:
+    """What ensure_writable_dir would refuse, without creating anything (for --dry-run)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create output directory {path}: {existing} is not a directory")
+    try:  # a file created and removed at once: os.access says yes to root on a read-only mount
+        handle, probe = tempfile.mkstemp(prefix=".ewq-write-probe.", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UserError(f"output directory {path} is not writable: {error.strerror}") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Temporary files whose writer (pid in the name) is gone: a run killed with SIGKILL."""
+    removed = []
+    for temp in Path(directory).glob(f".*{PARTIAL_SUFFIX}"):
+        parts = temp.name.split(".")
+        pid = parts[-3] if len(parts) >= 4 else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
 
 
 @contextmanager
 def atomic_path(target: Path):
-    """Yield a temporary path beside `target`; rename it over `target` only on success."""
+    """Yield a temporary path beside `target`; rename it over `target` only on success.
+    The temporary name carries the writer's pid, so that a later run can remove it if this one
+    is killed before it can clean up (SIGKILL)."""
     target = Path(target)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX,
+                                         dir=target.parent)
     os.close(handle)
     temp = Path(temp_name)
     try:

@@ -60,7 +60,7 @@ class BigramBackend(Backend):
 
 ENV = {**os.environ, "EWQ_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
 SCRIPTS = ("create_quantization_plan.py", "benchmark_original.py", "benchmark_ewq.py", "benchmark_gguf_q4.py",
-           "benchmark_gguf_q8.py", "benchmark_gguf_ewq.py")
+           "benchmark_gguf_q8.py", "benchmark_gguf_ewq.py", "study_sensitivity.py", "compare_results.py")
 GGUF_SCRIPTS = ("benchmark_gguf_q4.py", "benchmark_gguf_q8.py", "benchmark_gguf_ewq.py")
 
 

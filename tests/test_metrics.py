@@ -1,4 +1,5 @@
 import math
+import random
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from conftest import BigramBackend
 from ewq.data import mmlu as mmlu_data
 from ewq.data.prompts import Request, Task
 from ewq.errors import UserError
-from ewq.metrics import generation, mmlu, perplexity, textsim
+from ewq.metrics import generation, mmlu, perplexity, stats, textsim
 from ewq.metrics.stats import bootstrap_se, mean_se, paired_difference, percentile, proportion_se
 
 
@@ -156,3 +157,22 @@ def test_zero_kld_windows_gives_perplexity_without_kld():
     tokens = list(np.random.default_rng(3).integers(0, 32, size=200))
     result = perplexity.evaluate(BigramBackend(), tokens, spec, reference=np.zeros((0, 32), dtype=np.float16))
     assert "kld" not in result and result["ppl"]["n_windows"] == 10
+
+
+def test_spearman_on_known_orders_ties_and_constants():
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.ranks([5, 1, 5, 3]) == [3.5, 1.0, 3.5, 2.0]
+    # hand-computed: ranks x = 1..5, y = 2,1,4,3,5 -> rho = 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*4/120 = 0.8
+    assert stats.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert stats.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_spearman_bootstrap_interval_contains_rho_and_excludes_zero_only_for_a_strong_relation():
+    rng = random.Random(3)
+    x = [rng.random() for _ in range(30)]
+    strong = stats.spearman_bootstrap(x, [v + 0.05 * rng.random() for v in x])
+    assert strong["ci"][0] <= strong["rho"] <= strong["ci"][1] and strong["ci_excludes_zero"]
+    noise = stats.spearman_bootstrap(x, [rng.random() for _ in x])
+    assert noise["ci"][0] < 0 < noise["ci"][1] and not noise["ci_excludes_zero"]
+    assert stats.spearman_bootstrap([1, 1, 1], [1, 2, 3])["ci"] is None

@@ -6,7 +6,10 @@ Decode throughput = (tokens after the first) / (time after the first token), sum
 """
 from __future__ import annotations
 
-from ..backends.base import Backend
+from dataclasses import asdict
+from typing import Callable, Sequence
+
+from ..backends.base import Backend, Generation
 from ..cli import progress
 from ..data.prompts import Request, Task
 from . import textsim
@@ -36,14 +39,18 @@ def _spread(values: list[float]) -> dict:
 
 
 def evaluate(backend: Backend, tokenizer, requests: list[Request], prompts: list[list[int]], max_new_tokens: int,
-             reference_outputs: list[str] | None = None) -> dict:
-    """`prompts[i]` holds the token ids of prompt_tokens() for `requests[i]`."""
+             reference_outputs: list[str] | None = None, done: Sequence[dict] = (),
+             on_progress: Callable[[list[dict]], None] | None = None) -> dict:
+    """`prompts[i]` holds the token ids of prompt_tokens() for `requests[i]`. `done` holds the
+    generations (as dicts) of the first requests from an interrupted run; `on_progress` gets all
+    generations after each request."""
     backend.generate_greedy(prompts[0], WARMUP_TOKENS)  # first-call costs (allocations, kernels) stay out
-    outputs, runs = [], []
-    for prompt in progress(prompts, desc=f"generation [{backend.name}]", unit="req"):
-        run = backend.generate_greedy(prompt, max_new_tokens)
-        runs.append(run)
-        outputs.append(visible_text(tokenizer, run.tokens))
+    runs = [Generation(**item) for item in done]
+    for prompt in progress(prompts[len(runs):], desc=f"generation [{backend.name}]", unit="req"):
+        runs.append(backend.generate_greedy(prompt, max_new_tokens))
+        if on_progress is not None:
+            on_progress([asdict(r) for r in runs])
+    outputs = [visible_text(tokenizer, r.tokens) for r in runs]
     decode_tokens = sum(len(r.tokens) - 1 for r in runs)
     decode_time = sum(r.decode_s for r in runs)
     per_request_tps = [(len(r.tokens) - 1) / r.decode_s for r in runs if r.decode_s > 0]

@@ -1,6 +1,8 @@
 """MMLU accuracy from the log-likelihood of the answer letter (' A' .. ' D') after the prompt."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 from ..backends.base import Backend
 from ..cli import progress
 from ..data import mmlu
@@ -18,14 +20,21 @@ def letter_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: list[list[int]]) -> dict:
-    """`prompts[i]` holds the token ids of mmlu.prompt() for `sample[i]`."""
+def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: list[list[int]],
+             done: Sequence[int] = (), on_progress: Callable[[list[int]], None] | None = None,
+             every: int = 50) -> dict:
+    """`prompts[i]` holds the token ids of mmlu.prompt() for `sample[i]`. `done` holds the results
+    of the first questions from an interrupted run; `on_progress` gets all results every `every`."""
     letter_ids = letter_token_ids(tokenizer)
-    correct, by_subject = [], {}
-    for question, prompt_ids in progress(list(zip(sample, prompts)), desc=f"mmlu [{backend.name}]", unit="q"):
+    correct = list(done)
+    todo = list(zip(sample, prompts))[len(correct):]
+    for question, prompt_ids in progress(todo, desc=f"mmlu [{backend.name}]", unit="q"):
         scores = backend.next_token_logprobs(prompt_ids)[letter_ids]
-        hit = int(int(scores.argmax()) == question.answer)
-        correct.append(hit)
+        correct.append(int(int(scores.argmax()) == question.answer))
+        if on_progress is not None and len(correct) % every == 0:
+            on_progress(correct)
+    by_subject: dict[str, list[int]] = {}
+    for question, hit in zip(sample, correct):
         by_subject.setdefault(question.subject, []).append(hit)
     return {
         "accuracy": proportion_se(sum(correct), len(correct)),

@@ -55,3 +55,59 @@ def bootstrap_se(items: Sequence, statistic: Callable[[Sequence], float], rounds
     samples = [statistic([items[rng.randrange(len(items))] for _ in items]) for _ in range(rounds)]
     center = math.fsum(samples) / rounds
     return math.sqrt(math.fsum((s - center) ** 2 for s in samples) / (rounds - 1))
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation; None when either side is constant."""
+    n = len(x)
+    mx, my = math.fsum(x) / n, math.fsum(y) / n
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    syy = math.fsum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on average ranks); None when either side is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"samples differ in length: {len(x)} vs {len(y)}")
+    if len(x) < 3:
+        return None
+    return pearson(ranks(x), ranks(y))
+
+
+def spearman_bootstrap(x: Sequence[float], y: Sequence[float], rounds: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> dict:
+    """Spearman's rho with a percentile bootstrap interval over the (x, y) pairs."""
+    rho = spearman(x, y)
+    result = {"rho": rho, "n": len(x), "ci_level": level, "ci": None, "bootstrap_rounds": rounds}
+    if rho is None:
+        return result
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(rounds):
+        picks = [rng.randrange(len(x)) for _ in x]
+        value = spearman([x[i] for i in picks], [y[i] for i in picks])
+        if value is not None:
+            samples.append(value)
+    tail = 100 * (1 - level) / 2
+    result["ci"] = [percentile(samples, tail), percentile(samples, 100 - tail)]
+    result["ci_excludes_zero"] = result["ci"][0] > 0 or result["ci"][1] < 0
+    return result

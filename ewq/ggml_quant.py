@@ -1,0 +1,110 @@
+"""llama.cpp's own quantizers, in process: quantize a matrix to a ggml type and read it back.
+
+ggml_quantize_chunk() comes from the libggml-base that the llama_cpp bindings carry (the same
+vendored llama.cpp as our tools), so a tensor quantized here is bit-identical to what
+llama-quantize writes for it; gguf-py's dequantizers turn the blocks back into float32.
+Used to measure a tensor's quantization error (the `error` plan score) and to simulate "only
+this block in 4 bits" on the Hugging Face model (the sensitivity study) without writing files.
+An importance matrix (llama-imatrix's GGUF output) weights columns by the mean squared
+activation that reaches them, as llama-quantize does with --imatrix.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+from gguf import quants
+
+from .errors import UserError
+from .llamacpp import fits_rows
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the llama_cpp bindings are not installed; run scripts/setup.sh")
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    if not candidates:
+        raise UserError(f"libggml-base not found in {lib_dir}; reinstall llama-cpp-python")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def quantize(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Rows of `matrix` (float32 [rows, cols]) as ggml blocks: uint8 [rows, row_bytes]."""
+    rows, cols = matrix.shape
+    if not fits_rows(ggml_type, cols):
+        raise ValueError(f"{ggml_type.name} blocks do not divide rows of {cols} columns")
+    lib = _library()
+    lib.ggml_quantize_init(int(ggml_type))
+    src = np.ascontiguousarray(matrix, dtype=np.float32)
+    row_bytes = lib.ggml_row_size(int(ggml_type), cols)
+    dst = np.empty((rows, row_bytes), dtype=np.uint8)
+    weights = None
+    if imatrix is not None:
+        weights = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if weights.shape != (cols,):
+            raise ValueError(f"importance vector has shape {weights.shape}, expected ({cols},)")
+    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, dst.ctypes.data, 0, rows, cols,
+                                      None if weights is None else weights.ctypes.data)
+    if written != dst.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
+    return dst
+
+
+def round_trip(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """What llama.cpp's kernels see after quantizing `matrix` to `ggml_type`, as float32."""
+    if ggml_type in (GGMLType.F32,):
+        return np.asarray(matrix, dtype=np.float32)
+    if ggml_type is GGMLType.F16:
+        return np.asarray(matrix, dtype=np.float16).astype(np.float32)
+    blocks = quantize(matrix, ggml_type, imatrix)
+    return quants.dequantize(blocks, ggml_type).reshape(matrix.shape).astype(np.float32)
+
+
+def relative_error(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> float:
+    """sum_j a_j sum_i (w_ij - q_ij)^2 / sum_j a_j sum_i w_ij^2, with a = importance (1 if none):
+    the expected relative squared error of the layer's output for inputs of that energy."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    approx = round_trip(matrix, ggml_type, imatrix)
+    column_weight = np.ones(matrix.shape[1]) if imatrix is None else np.asarray(imatrix, dtype=np.float64)
+    error = ((matrix - approx).astype(np.float64) ** 2).sum(axis=0) @ column_weight
+    energy = (matrix.astype(np.float64) ** 2).sum(axis=0) @ column_weight
+    return float(error / energy) if energy > 0 else 0.0
+
+
+def load_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """llama-imatrix GGUF output -> {gguf tensor name: mean squared activation per input column}."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"importance matrix not found: {path}")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, KeyError, IndexError) as error:
+        raise UserError(f"cannot read importance matrix {path}: {error}") from None
+    arrays = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+    out = {}
+    for name, sums in arrays.items():
+        if name.endswith(".in_sum2"):
+            base = name.removesuffix(".in_sum2")
+            counts = arrays.get(f"{base}.counts")
+            if counts is None or counts.size != 1 or counts[0] <= 0:
+                continue
+            out[base] = (sums / counts[0]).astype(np.float32)
+    if not out:
+        raise UserError(f"{path} holds no importance vectors (not a llama-imatrix GGUF file?)")
+    return out

@@ -1,0 +1,376 @@
+"""The comparison report: benchmark JSON files -> one markdown page and its PNG figures.
+
+Only results that share the original's model hash and evaluation settings are compared; every
+other file is listed with the reason it was left out. Deltas are paired where the items are
+shared (per-window NLL and KLD, per-question MMLU correctness) and unpaired otherwise (BLEU,
+ROUGE, speed), and a delta within two standard errors is marked "n.s." (not significant).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import plots
+from .benchmark import Variant
+from .errors import UserError
+from .metrics.stats import paired_difference
+from .plan import find_plan, load_plan
+from .results import check_writable_dir, ensure_writable_dir, write_text_atomic
+
+MIB = 2**20
+
+
+@dataclass
+class Result:
+    path: Path
+    data: dict
+
+    @property
+    def label(self) -> str:
+        tag = self.data.get("tag")
+        return f"{self.data['variant']}-{tag[:8]}" if tag else self.data["variant"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.data["metrics"]
+
+    def get(self, *keys, default=None):
+        node = self.metrics
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return default
+            node = node[key]
+        return node
+
+
+def load_results(results_dir: Path) -> tuple[list[Result], list[dict]]:
+    """Benchmark results and sensitivity studies found in results_dir; unreadable files are skipped."""
+    if not results_dir.is_dir():
+        raise UserError(f"results directory not found: {results_dir}")
+    found, studies = [], []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("kind") == "sensitivity-study":
+            studies.append(data)
+        elif isinstance(data, dict) and {"variant", "metrics", "model_hash", "settings"} <= data.keys():
+            found.append(Result(path, data))
+    return found, studies
+
+
+def pick_reference(found: list[Result], model_hash: str | None, digest: str | None) -> Result:
+    originals = [r for r in found if r.data["variant"] == Variant.ORIGINAL.value
+                 and (model_hash is None or r.data["model_hash"] == model_hash)
+                 and (digest is None or r.data["settings"]["digest"] == digest)]
+    if not originals:
+        raise UserError("no original result to compare against (run benchmark_original.py with the same settings)")
+    return max(originals, key=lambda r: r.data.get("created_utc", ""))
+
+
+def comparable(found: list[Result], reference: Result) -> tuple[list[Result], list[tuple[Result, str]]]:
+    ref = reference.data
+    keep, left_out = [], []
+    ref_tokens = ref["metrics"]["perplexity"]["tokens_sha256_16"]
+    for r in found:
+        if r.data["model_hash"] != ref["model_hash"]:
+            left_out.append((r, f"other model hash {r.data['model_hash']}"))
+        elif r.data["settings"]["digest"] != ref["settings"]["digest"]:
+            differing = sorted(k for k in ref["settings"] if r.data["settings"].get(k) != ref["settings"][k])
+            left_out.append((r, "other settings: " + ", ".join(differing)))
+        elif r.get("perplexity", "tokens_sha256_16") != ref_tokens:
+            left_out.append((r, "other evaluation tokens (text or tokenizer changed)"))
+        else:
+            keep.append(r)
+    keep.sort(key=lambda r: (r is not reference, -(r.get("weights", "bits_per_weight") or 0)))
+    return keep, left_out
+
+
+# --- numbers -> cells ------------------------------------------------------------------------
+
+def fmt(value, digits: int = 3, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value * scale:.{digits}f}"
+
+
+def with_se(stat: dict | None, digits: int = 3, scale: float = 1.0, mean_key: str = "mean") -> str:
+    if not stat or stat.get(mean_key) is None:
+        return "–"
+    se = stat.get("se")
+    return fmt(stat[mean_key], digits, scale) + ("" if se is None else f" ± {fmt(se, digits, scale)}")
+
+
+def flag(delta: float | None, se: float | None) -> str:
+    """' (n.s.)' when the difference is within 2 SE of zero."""
+    if delta is None or se is None:
+        return ""
+    return " (n.s.)" if abs(delta) < 2 * se else ""
+
+
+def pct_change(value, base) -> str:
+    if value is None or not base:
+        return "–"
+    return f"{100 * (value / base - 1):+.1f}%"
+
+
+def unpaired(a: dict | None, b: dict | None, mean_key: str = "mean") -> tuple[float | None, float | None]:
+    if not a or not b or a.get(mean_key) is None or b.get(mean_key) is None:
+        return None, None
+    if a.get("se") is None or b.get("se") is None:
+        return a[mean_key] - b[mean_key], None
+    return a[mean_key] - b[mean_key], math.hypot(a["se"], b["se"])
+
+
+def paired(r: Result, ref: Result, *keys) -> dict | None:
+    a, b = r.get(*keys), ref.get(*keys)
+    if not a or not b or len(a) != len(b):
+        return None
+    return paired_difference(a, b)
+
+
+def peak_memory_mib(r: Result) -> float | None:
+    peak = r.get("memory_peak") or {}
+    gpu = peak.get("torch_peak_allocated_bytes")
+    return (gpu if gpu is not None else peak.get("peak_rss_bytes") or 0) / MIB or None
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+def summary_rows(rows: list[Result], ref: Result) -> list[list[str]]:
+    table = []
+    ref_bytes = ref.get("weights", "weight_bytes")
+    ref_speed = ref.get("generation", "decode_tokens_per_s", "value")
+    for r in rows:
+        is_ref = r is ref
+        nll = None if is_ref else paired(r, ref, "perplexity", "per_window_nll")
+        ppl = r.get("perplexity", "ppl") or {}
+        ppl_cell = with_se({"mean": ppl.get("value"), "se": ppl.get("se")})
+        if nll:
+            ppl_cell += f" ({100 * (math.exp(nll['mean']) - 1):+.2f}%{flag(nll['mean'], nll['se'])})"
+        acc = r.get("mmlu", "accuracy")
+        acc_cell = with_se(acc, 1, 100)
+        mmlu_delta = None if is_ref else paired(r, ref, "mmlu", "per_question_correct")
+        if mmlu_delta and acc:
+            acc_cell += f" ({100 * mmlu_delta['mean']:+.1f} ± {100 * mmlu_delta['se']:.1f} pts" \
+                        f"{flag(mmlu_delta['mean'], mmlu_delta['se'])}, n={acc['n']})"
+        elif acc:
+            acc_cell += f" (n={acc['n']})"
+        bleu = r.get("generation", "summarization", "bleu")
+        bleu_cell = with_se(bleu, 2, mean_key="score")
+        if not is_ref and bleu:
+            d, se = unpaired(bleu, ref.get("generation", "summarization", "bleu"), "score")
+            bleu_cell += flag(d, se)
+        rouge = r.get("generation", "summarization", "rouge") or {}
+        speed = r.get("generation", "decode_tokens_per_s", "value")
+        table.append([
+            f"**{r.label}**" if is_ref else r.label,
+            fmt((r.get("weights", "weight_bytes") or 0) / MIB, 1),
+            fmt(r.get("weights", "bits_per_weight"), 2),
+            "–" if is_ref else pct_change(r.get("weights", "weight_bytes"), ref_bytes),
+            fmt(peak_memory_mib(r), 0),
+            fmt(speed, 1) + ("" if is_ref or speed is None else f" ({pct_change(speed, ref_speed)})"),
+            fmt(r.get("generation", "latency_s", "p50"), 2),
+            ppl_cell,
+            "ref" if is_ref else with_se(r.get("perplexity", "kld"), 4),
+            "ref" if is_ref else with_se(r.get("perplexity", "same_top1"), 1, 100),
+            acc_cell,
+            bleu_cell,
+            "/".join(fmt((rouge.get(k) or {}).get("mean"), 3) for k in ("rouge1", "rouge2", "rougeL")) if rouge else "–",
+            "ref" if is_ref else with_se(r.get("generation", "rougeL_vs_original"), 3),
+        ])
+    return table
+
+
+SUMMARY_HEADER = ["variant", "weights MiB", "bpw", "size vs orig", "peak mem MiB", "decode tok/s", "latency p50 s",
+                  "ppl ± SE (vs orig)", "KLD ± SE", "same top-1 %", "MMLU % ± SE (Δ paired)", "BLEU ± SE",
+                  "ROUGE-1/2/L", "ROUGE-L vs orig"]
+
+
+def kld_vs_baseline_rows(rows: list[Result], baseline: Result) -> list[list[str]]:
+    """Paired KLD difference per window against a baseline variant (same windows, same reference)."""
+    table = []
+    for r in rows:
+        kld = r.get("perplexity", "kld")
+        if not kld:
+            continue
+        diff = None if r is baseline else paired(r, baseline, "perplexity", "per_window_kld")
+        table.append([
+            f"**{r.label}**" if r is baseline else r.label,
+            fmt((r.get("weights", "weight_bytes") or 0) / MIB, 2),
+            fmt(r.get("weights", "bits_per_weight"), 3),
+            plan_score(r),
+            with_se(kld, 4),
+            "baseline" if diff is None else f"{diff['mean']:+.4f} ± {diff['se']:.4f}{flag(diff['mean'], diff['se'])}",
+            with_se(r.get("perplexity", "same_top1"), 1, 100),
+            str(kld["n_windows"]),
+        ])
+    return table
+
+
+def plan_score(r: Result) -> str:
+    """How the plan behind a result ranked tensors, read from the plan file it names."""
+    plan_file = r.data.get("plan_file")
+    if not plan_file or not Path(plan_file).is_file():
+        return "–" if not plan_file else "plan file missing"
+    params = json.loads(Path(plan_file).read_text()).get("params", {})
+    if params.get("target_bpw") is None and params.get("target_bytes") is None:
+        return "entropy thresholds"
+    score = params.get("score", "entropy")
+    return f"budget, {score}" + (f" (seed {params.get('seed', 0)})" if score == "random" else "")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+SAME_SIZE = 1e-3  # sizes within 0.1% count as equal on the Pareto front (budget plans land a few KB under)
+
+
+def pareto_points(rows: list[Result]) -> list[dict]:
+    points = []
+    for r in rows:
+        if r.get("perplexity", "kld"):
+            how = plan_score(r)
+            points.append({"label": r.label + ("" if how == "–" else f" ({how})"),
+                           "bpw": r.get("weights", "bits_per_weight"), "kld": r.get("perplexity", "kld", "mean"),
+                           "kld_se": r.get("perplexity", "kld", "se") or 0})
+    for p in points:
+        p["pareto"] = not any(q is not p and q["bpw"] <= p["bpw"] * (1 + SAME_SIZE) and q["kld"] < p["kld"]
+                              for q in points)
+    return points
+
+
+# --- figures from the plan and the study -------------------------------------------------------
+
+def entropy_figure(plans_dir: Path, model_hash: str, out_dir: Path) -> tuple[Path, str] | None:
+    from .sensitivity import tensor_kind
+
+    try:
+        plan_file = find_plan(plans_dir, model_hash)
+        plan = load_plan(plan_file)
+    except UserError:
+        return None
+    per_block: dict[int, dict[str, float]] = {}
+    for t in plan.tensors:
+        if t.is_matrix and t.block is not None:
+            per_block.setdefault(t.block, {})[tensor_kind(t)] = t.entropy_bits
+    if not per_block:
+        return None
+    scores = {b.index: b.entropy_bits for b in plan.blocks}
+    path = plots.entropy_heatmap(per_block, scores, f"Weight entropy per tensor ({plan.model_id})",
+                                 out_dir / "entropy_heatmap.png")
+    return path, str(plan_file)
+
+
+def study_section(studies: list[dict], model_hash: str, out_dir: Path) -> list[str]:
+    from .sensitivity import PREDICTORS
+
+    mine = [s for s in studies if s.get("model_hash") == model_hash]
+    if not mine:
+        return ["_No sensitivity study for this model in the results directory (run study_sensitivity.py)._"]
+    study = max(mine, key=lambda s: s.get("created_utc", ""))
+    png = plots.sensitivity_scatter(study["units"], study["correlations"], PREDICTORS, out_dir / "sensitivity.png")
+    w = study["windows"]
+    lines = [f"KLD vs the original when only one unit is quantized to 4 bits ({study['four_bit_rule']}; "
+             f"imatrix: {study['imatrix'] or 'none'}), on {w['n_windows']} windows x {w['stride']} scored tokens. "
+             "Spearman's rho against KLD, 95% bootstrap interval over units:", ""]
+    header = ["level", "units"] + list(PREDICTORS)
+    rows = []
+    for level, stats in study["correlations"].items():
+        n = sum(1 for u in study["units"] if u["level"] == level)
+        cells = []
+        for key in PREDICTORS:
+            s = stats[key]
+            cells.append("n/a (constant)" if s["rho"] is None else
+                         f"{s['rho']:+.2f} [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]" if s.get("ci") else f"{s['rho']:+.2f}")
+        rows.append([level, str(n)] + cells)
+    lines += [markdown_table(header, rows), "", f"![sensitivity]({png.name})"]
+    return lines
+
+
+# --- the page --------------------------------------------------------------------------------
+
+def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | None = None,
+          settings_digest: str | None = None, baseline: str = Variant.GGUF_Q4_K_M.value) -> Path:
+    found, studies = load_results(results_dir)
+    reference = pick_reference(found, model_hash, settings_digest)
+    rows, left_out = comparable(found, reference)
+    out_dir = ensure_writable_dir(out_dir)
+    ref = reference.data
+    s = ref["settings"]
+    lines = [
+        f"# EWQ comparison report: {ref['model']}",
+        "",
+        f"Model hash `{ref['model_hash']}`, settings `{s['digest']}` on {s['device']}: {s['ppl_windows']} perplexity "
+        f"windows of {s['context']} tokens (stride {s['stride']}), KLD on the first {s['kld_windows']}; MMLU "
+        f"{s['mmlu_per_subject']}/subject {s['mmlu_shots']}-shot; greedy generation, {s['max_new_tokens']} new tokens. "
+        f"Environment of the original: {ref['environment'].get('cpu')} x{ref['environment'].get('cpu_count')}, "
+        f"torch {ref['environment'].get('torch')}, GPU: {ref['environment'].get('gpu', 'none')}.",
+        "",
+        "Deltas in parentheses are against the original: perplexity and MMLU paired on the same windows and "
+        "questions; **(n.s.)** = within 2 standard errors of zero. Speed is per engine (torch vs llama.cpp): compare "
+        "speeds within one engine. KLD = mean over tokens of KL(original || variant), SE across windows.",
+        "",
+        markdown_table(SUMMARY_HEADER, summary_rows(rows, reference)),
+        "",
+    ]
+    base = next((r for r in rows if r.data["variant"] == baseline and not r.data.get("tag")), None)
+    if base is not None and base.get("perplexity", "kld"):
+        lines += [f"## KLD at equal size: every variant against {base.label} (paired on the same windows)", "",
+                  markdown_table(["variant", "weights MiB", "bpw", "plan", "KLD ± SE", f"Δ KLD vs {base.label}",
+                                  "same top-1 %", "windows"], kld_vs_baseline_rows(rows, base)), ""]
+    points = pareto_points(rows)
+    if points:
+        plots.size_vs_kld(points, out_dir / "size_vs_kld.png")
+        front = ", ".join(p["label"] for p in sorted(points, key=lambda p: p["bpw"]) if p["pareto"])
+        lines += ["## Size vs KL divergence", "",
+                  f"Pareto-optimal (no variant at most as large, within {100 * SAME_SIZE:g}%, and closer): {front}.", "",
+                  "![size vs KLD](size_vs_kld.png)", ""]
+    with_mmlu = {r.label: r.get("mmlu", "per_subject") for r in rows if r.get("mmlu", "per_subject")}
+    if with_mmlu:
+        plots.mmlu_by_subject(with_mmlu, out_dir / "mmlu_by_subject.png")
+        lines += ["## MMLU per subject", "", "![MMLU per subject](mmlu_by_subject.png)", ""]
+    heatmap = entropy_figure(plans_dir, ref["model_hash"], out_dir)
+    if heatmap:
+        lines += ["## Weight entropy", "", f"From `{heatmap[1]}`.", "", "![entropy](entropy_heatmap.png)", ""]
+    lines += ["## Does entropy predict sensitivity?", "", *study_section(studies, ref["model_hash"], out_dir), ""]
+    if left_out:
+        lines += ["## Results not compared", ""] + [f"- `{r.path.name}`: {why}" for r, why in left_out] + [""]
+    skipped = [f"- `{r.label}` skipped: {', '.join(r.data['skipped_stages'])}" for r in rows if r.data.get("skipped_stages")]
+    if skipped:
+        lines += ["## Stages left out", "", *skipped, ""]
+    report = out_dir / "report.md"
+    write_text_atomic(report, "\n".join(lines))
+    return report
+
+
+def main(argv=None) -> None:
+    from .cli import Parser, dry_run, log
+
+    parser = Parser(description="Turn benchmark_results/*.json into a markdown comparison report with PNG plots.")
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmark_results"))
+    parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="for the entropy heatmap")
+    parser.add_argument("--out-dir", type=Path, default=Path("reports"))
+    parser.add_argument("--model-hash", help="compare results of this model (default: the newest original's)")
+    parser.add_argument("--settings", help="settings digest to compare (default: the newest original's)")
+    parser.add_argument("--baseline", default=Variant.GGUF_Q4_K_M.value,
+                        help="variant every KLD is paired against in the equal-size table")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be compared, write nothing")
+    args = parser.parse_args(argv)
+    check_writable_dir(args.out_dir)
+    if args.dry_run:
+        found, studies = load_results(args.results_dir)
+        reference = pick_reference(found, args.model_hash, args.settings)
+        rows, left_out = comparable(found, reference)
+        return dry_run([f"compare {len(rows)} results: {', '.join(r.label for r in rows)}",
+                        *[f"leave out {r.path.name}: {why}" for r, why in left_out],
+                        f"write {args.out_dir / 'report.md'} and its PNG figures"])
+    path = build(args.results_dir, args.plans_dir, args.out_dir, args.model_hash, args.settings, args.baseline)
+    log(f"report written: {path}")
+    print(path)

@@ -1,0 +1,122 @@
+"""Size-budget plans: the ladder, the rank-ordered allocation, the scores, and llama.cpp's quantizer in process."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from conftest import tiny_llama
+from ewq import budget, ggml_quant, plan as plan_mod
+from ewq.errors import UserError
+from ewq.plan import PlanParams, Precision
+from ewq.planning import create_plan, write_plan
+
+
+def matrix(name, cols, rows=256, entropy=5.0, block=0):
+    return plan_mod.TensorEntry(hf_name=name, gguf_name=None, block=block, shape=[rows, cols], dtype="F16",
+                                numel=rows * cols, entropy_bits=entropy, std=1.0, max_abs_over_std=4.0,
+                                excess_kurtosis=0.0)
+
+
+def test_ladder_uses_legacy_types_where_k_blocks_do_not_divide_rows():
+    assert budget.gguf_ladder(matrix("a", 1536)) == ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]
+    assert budget.gguf_ladder(matrix("b", 576)) == ["Q4_0", "Q5_0", "Q8_0", "F16"]
+    assert budget.gguf_ladder(matrix("c", 48)) == ["F16"]  # not even 32-blocks fit
+
+
+def test_allocation_stays_within_budget_and_follows_the_ranking():
+    costs = [[4.5, 5.5, 8.5, 16.0] for _ in range(6)]
+    order = [3, 1, 5, 0, 2, 4]
+    floor, budget_bits = 6 * 4.5, 6 * 4.5 + 6 * 1.0 + 2 * 3.0 + 0.5
+    levels = budget.allocate(costs, order, budget_bits)
+    spent = sum(c[level] for c, level in zip(costs, levels))
+    assert floor < spent <= budget_bits and budget_bits - spent < 1.0
+    assert [levels[i] for i in order] == [2, 2, 1, 1, 1, 1]  # the two best-ranked got the second lift
+    assert budget.allocate(costs, order, 1e9) == [3] * 6
+    with pytest.raises(ValueError):
+        budget.allocate(costs, order, floor - 1)
+
+
+def test_allocation_fills_with_cheaper_lifts_after_an_expensive_one_does_not_fit():
+    costs = [[100.0, 200.0], [1.0, 2.0]]
+    assert budget.allocate(costs, [0, 1], 150.0) == [0, 1]
+
+
+def test_sizes_parse_with_units_and_refuse_nonsense(tmp_path):
+    assert budget.parse_size("98.9MiB") == int(98.9 * 2**20)
+    assert budget.parse_size("104MB") == 104_000_000 and budget.parse_size("123") == 123
+    for bad in ("ten MB", "-5MB", "0"):
+        with pytest.raises(UserError, match="target-size"):
+            budget.parse_size(bad)
+    with pytest.raises(UserError, match="not found"):
+        budget.parse_size(str(tmp_path / "missing.gguf"))
+
+
+def test_in_process_quantizer_matches_gguf_py_bit_for_bit():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    ours = ggml_quant.quantize(w, T.Q8_0)
+    theirs = quants.quantize(w, T.Q8_0)
+    assert np.array_equal(ours, theirs.reshape(ours.shape))
+
+
+def test_relative_error_falls_along_the_ladder_and_respects_importance():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((128, 512)).astype(np.float32)
+    errors = [ggml_quant.relative_error(w, t) for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16)]
+    assert errors == sorted(errors, reverse=True) and 1e-3 < errors[0] < 3e-2 and errors[-1] < 1e-6
+    one_column = np.zeros(512, dtype=np.float32)
+    one_column[7] = 1.0
+    approx = ggml_quant.round_trip(w, T.Q4_0, one_column)
+    expected = ((w[:, 7] - approx[:, 7]) ** 2).sum() / (w[:, 7] ** 2).sum()
+    assert ggml_quant.relative_error(w, T.Q4_0, one_column) == pytest.approx(expected, rel=1e-5)
+    # llama.cpp's quantizer spends its choice of scales on the important column
+    assert expected < 0.5 * ggml_quant.relative_error(w, T.Q4_0)
+    with pytest.raises(ValueError, match="do not divide"):
+        ggml_quant.quantize(w[:, :100], T.Q4_K)
+
+
+@pytest.mark.parametrize("score", ["entropy", "error", "random"])
+def test_budget_plans_of_a_model_meet_the_budget(tiny_model_dir, tmp_path, score):
+    target = 6.0
+    plan = create_plan(str(tiny_model_dir), PlanParams(target_bpw=target, score=score, keep_embeddings=False,
+                                                       keep_lm_head=False))
+    total = sum(t.numel for t in plan.tensors)
+    bits = sum(t.numel * budget.gguf_bits(t.llama_type) for t in plan.tensors)
+    assert bits / total <= target and plan.budget["gguf"]["bits_per_weight"] == pytest.approx(bits / total)
+    smallest_lift = min(t.numel for t in plan.tensors if t.is_matrix) * (5.5 - 4.5)
+    assert target * total - bits < 3 * smallest_lift * 8  # filled up to within a few small lifts
+    ranked = [t for t in plan.tensors if t.reason == f"budget:{score}"]
+    assert ranked and all(t.rank_score is not None for t in ranked)
+    json_path, _ = write_plan(plan, tmp_path)
+    again = plan_mod.load_plan(json_path)
+    assert [t.llama_type for t in again.tensors] == [t.llama_type for t in plan.tensors]
+    assert again.budget == plan.budget and again.plan_hash == plan.plan_hash
+
+
+def test_entropy_budget_gives_high_entropy_tensors_at_least_as_many_bits(tiny_model_dir):
+    plan = create_plan(str(tiny_model_dir), PlanParams(target_bpw=7.0, keep_embeddings=False, keep_lm_head=False))
+    ranked = sorted((t for t in plan.tensors if t.reason == "budget:entropy" and budget.gguf_ladder(t) ==
+                     ["Q4_0", "Q5_0", "Q8_0", "F16"]), key=lambda t: -t.entropy_bits)
+    rungs = [budget.gguf_ladder(t).index(t.llama_type) for t in ranked]
+    assert rungs == sorted(rungs, reverse=True) and rungs[0] > rungs[-1]
+
+
+def test_bitsandbytes_side_reports_an_unreachable_budget(tmp_path):
+    # a large vocabulary: bitsandbytes keeps embedding and head in fp16, so 8 bits/weight is out of its reach
+    tiny_llama(num_layers=2, vocab=8192).save_pretrained(tmp_path / "m", safe_serialization=True)
+    plan = create_plan(str(tmp_path / "m"), PlanParams(target_bpw=8.0, keep_embeddings=False, keep_lm_head=False))
+    assert plan.budget["gguf"]["bits_per_weight"] <= 8.0 and plan.budget["bitsandbytes"]["floor_bits_per_weight"] > 8
+    assert plan.budget["bitsandbytes"]["meets_budget"] is False
+    assert all(t.precision is Precision.INT4 for t in plan.tensors if t.reason == "budget:entropy"
+               and not plan_mod.is_embedding_or_head(t))
+
+
+def test_budget_below_the_floor_is_a_user_error(tiny_model_dir):
+    with pytest.raises(UserError, match="below the GGUF ladder's floor"):
+        create_plan(str(tiny_model_dir), PlanParams(target_bpw=3.0))
+
+
+def test_threshold_plans_keep_their_hash_when_budget_fields_exist():
+    params = PlanParams()
+    assert plan_mod.plan_hash("abc", params) != plan_mod.plan_hash("abc", PlanParams(target_bpw=5.0))
+    assert plan_mod.plan_hash("abc", params) == plan_mod.plan_hash("abc", PlanParams(score="entropy", seed=0))
