@@ -245,6 +245,9 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
     metrics: dict = {"weights": weights_report, "memory_after_load": memory_after_load}
 
     metrics["perplexity"] = ckpt.finished("perplexity")
+    if metrics["perplexity"] and "kld_reference" in metrics["perplexity"] and not ckpt.file(".logprobs.npy").is_file():
+        log("--resume: the checkpoint's KLD reference file is gone; perplexity runs again")
+        metrics["perplexity"] = None
     if metrics["perplexity"] is None:
         metrics["perplexity"] = _perplexity_stage(backend, data, is_reference, reference, out_dir, stem, ckpt)
         ckpt.finish("perplexity", metrics["perplexity"])

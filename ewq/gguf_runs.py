@@ -25,7 +25,7 @@ from .backends.llamacpp import LlamaCppBackend
 from .cli import Parser, dry_run, log, positive_int, run_main
 from .data import wiki
 from .errors import UserError
-from .plan import plan_for_model, script_path
+from .plan import Plan, plan_for_model, script_path
 from .results import write_text_atomic
 from .runs import prepare_run
 
@@ -79,7 +79,7 @@ class Files:
     imatrix: Path | None
     target: Path
     plan_file: Path | None = None
-    plan: object = None  # ewq.plan.Plan for EWQ
+    plan: Plan | None = None  # EWQ only
     script: Path | None = None
 
 
