@@ -354,11 +354,11 @@ def main(argv=None) -> None:
     from .cli import Parser, dry_run, log
 
     parser = Parser(description="Turn benchmark_results/*.json into a markdown comparison report with PNG plots.")
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmark_results"))
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmark_results"), help="benchmark JSON files")
     parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="for the entropy heatmap")
-    parser.add_argument("--out-dir", type=Path, default=Path("reports"))
-    parser.add_argument("--model-hash", help="compare results of this model (default: the newest original's)")
-    parser.add_argument("--settings", help="settings digest to compare (default: the newest original's)")
+    parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="where report.md and its PNGs go")
+    parser.add_argument("--model-hash", help="model hash to compare; None: that of the newest original")
+    parser.add_argument("--settings", help="settings digest to compare; None: that of the newest original")
     parser.add_argument("--baseline", default=Variant.GGUF_Q4_K_M.value,
                         help="variant every KLD is paired against in the equal-size table")
     parser.add_argument("--dry-run", action="store_true", help="list what would be compared, write nothing")
