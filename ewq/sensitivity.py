@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -88,15 +89,18 @@ def quantized(model: torch.nn.Module, unit: Unit, imatrix: dict[str, np.ndarray]
 
 
 def measure(model: torch.nn.Module, backend: Backend, tokens: list[int], spec: perplexity.WindowSpec,
-            plan: Plan, levels: tuple[str, ...], imatrix: dict[str, np.ndarray] | None) -> dict:
+            plan: Plan, levels: tuple[str, ...], imatrix: dict[str, np.ndarray] | None,
+            done: Sequence[dict] = (), on_row: Callable[[list[dict]], None] | None = None) -> dict:
+    """The study. `done` holds the rows of the first units from an interrupted run (the unmodified
+    model's reference is recomputed: it is deterministic); `on_row` gets all rows after each unit."""
     starts = perplexity.window_starts(len(tokens), spec)
     n_windows = min(spec.kld_windows, len(starts))
     vocab = backend.logprobs(tokens[:2]).shape[-1]
     reference = np.empty((n_windows * spec.stride, vocab), dtype=np.float16)
     base = perplexity.evaluate(backend, tokens, spec, record=reference)
     errors: dict[str, float] = {}
-    rows = []
-    for unit in progress(units(plan, levels), desc="sensitivity", unit="unit"):
+    rows = list(done)
+    for unit in progress(units(plan, levels)[len(rows):], desc="sensitivity", unit="unit"):
         with quantized(model, unit, imatrix, errors):
             result = perplexity.evaluate(backend, tokens, spec, reference=reference)
         row = {
@@ -114,6 +118,8 @@ def measure(model: torch.nn.Module, backend: Backend, tokens: list[int], spec: p
             elif key != "numel":
                 row[key] = weighted(unit, key)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return {"base_ppl": base["ppl"], "units": rows, "correlations": correlations(rows)}
 
 
@@ -133,6 +139,8 @@ def main(argv=None) -> None:
     from pathlib import Path
 
     from . import assets, benchmark, plots, results, weights
+    from .budget import file_digest
+    from .checkpoint import Checkpoint
     from .backends import hf
     from .cli import Parser, dry_run, log, positive_int
     from .errors import UserError
@@ -153,6 +161,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmark_results"), help="where the JSON and PNG go")
     parser.add_argument("--dry-run", action="store_true", help="validate the inputs, print what would run, write nothing")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study from its checkpoint")
     args = parser.parse_args(argv)
 
     levels = tuple(level.strip() for level in args.levels.split(",") if level.strip())
@@ -181,7 +190,14 @@ def main(argv=None) -> None:
         f"{args.windows} windows x {args.stride} tokens; imatrix {args.imatrix or 'none'}")
     model = hf.load_model(files.root, device, hf.compute_dtype(device))
     backend = hf.HFBackend(model, device, "sensitivity", hf.dense_weights_report(model))
-    study = measure(model, backend, tokens, spec, plan, levels, imatrix)
+    fingerprint = {"model_hash": model_hash, "plan_hash": plan.plan_hash, "levels": list(levels), "device": device,
+                   "windows": [spec.context, spec.stride, spec.max_windows],
+                   "tokens": perplexity.tokens_digest(tokens[: spec.max_windows * spec.stride + spec.context]),
+                   "imatrix": file_digest(args.imatrix) if args.imatrix else None}
+    ckpt = Checkpoint(out_dir, stem, fingerprint, args.resume)
+    done = ckpt.partial("units")
+    study = measure(model, backend, tokens, spec, plan, levels, imatrix, done=done,
+                    on_row=lambda rows: ckpt.save_partial("units", rows))
 
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     plots.sensitivity_scatter(study["units"], study["correlations"], PREDICTORS, png_path)
@@ -193,8 +209,9 @@ def main(argv=None) -> None:
         "windows": {"context": spec.context, "stride": spec.stride, "n_windows": spec.max_windows,
                     "tokens_sha256_16": perplexity.tokens_digest(tokens[: spec.max_windows * spec.stride + spec.context])},
         "device": device, "environment": results.environment(), "created_utc": results.timestamp(),
-        **study, "plot": png_path.name,
+        **study, "plot": png_path.name, "resumed_units": len(done),
     })
+    ckpt.remove()
     for level, stats in study["correlations"].items():
         log(f"{level}: " + ", ".join(
             f"{key} rho={'n/a' if s['rho'] is None else format(s['rho'], '+.2f')}"

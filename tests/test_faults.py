@@ -348,3 +348,33 @@ def test_dry_run_validates_prints_and_writes_nothing(world, script, args):
     assert result.stdout.startswith("dry run: inputs are valid") and "write " in result.stdout
     assert snapshot(world["root"], world["plans"]) == before
     assert not (world["root"] / "dry").exists() and not (world["root"] / "dry-gguf").exists()
+
+
+def test_sensitivity_study_resumes_with_identical_rows(tiny_model_dir):
+    """The study's other long run: interrupted after some units, resumed from the rows saved so far."""
+    from ewq import sensitivity
+    from ewq.backends import hf
+    from ewq.metrics import perplexity
+    from ewq.plan import PlanParams
+    from ewq.planning import create_plan
+
+    plan = create_plan(str(tiny_model_dir), PlanParams())
+    model = hf.load_model(tiny_model_dir, "cpu", torch.float32)
+    backend = hf.HFBackend(model, "cpu", "tiny", {})
+    tokens = [int(t) for t in torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(0))]
+    spec = perplexity.WindowSpec(64, 32, 4, 4)
+    levels = (sensitivity.Level.BLOCK, sensitivity.Level.KIND)
+    full = sensitivity.measure(model, backend, tokens, spec, plan, levels, None)
+
+    saved = []
+
+    def killed_after_five(rows):
+        saved[:] = [dict(r) for r in rows]
+        if len(rows) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity.measure(model, backend, tokens, spec, plan, levels, None, on_row=killed_after_five)
+    resumed = sensitivity.measure(model, backend, tokens, spec, plan, levels, None, done=saved)
+    assert len(saved) == 5 and len(resumed["units"]) == len(full["units"]) == 12 + 7
+    assert resumed["units"] == full["units"] and resumed["correlations"] == full["correlations"]
