@@ -55,14 +55,14 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.imatrix is not None and not args.imatrix.is_file():
+        raise UserError(f"importance matrix not found: {args.imatrix}")
     params = PlanParams(granularity=Granularity(args.granularity), entropy_factor=args.entropy_factor,
                         fp16_factor=args.fp16_factor, bins=args.bins, keep_embeddings=args.keep_embeddings,
                         keep_lm_head=args.keep_lm_head, min_params=args.min_params, target_bpw=args.target_bpw,
                         target_bytes=parse_size(args.target_size) if args.target_size else None, score=args.score,
                         seed=args.seed if args.score == Score.RANDOM.value else PlanParams.seed,
-                        imatrix_digest=file_digest(args.imatrix) if args.imatrix and args.imatrix.is_file() else None)
-    if args.imatrix is not None and params.imatrix_digest is None:
-        raise UserError(f"importance matrix not found: {args.imatrix}")
+                        imatrix_digest=file_digest(args.imatrix) if args.imatrix else None)
     files = weights.open_model(args.model)
     check_writable_dir(args.out_dir)
     if args.dry_run:

@@ -244,26 +244,22 @@ def run(variant: str, backend: Backend, tokenizer, data: EvalData, model_hash: s
     resumed = sorted(ckpt.state["stages"]) + sorted(f"{k} (partial)" for k in ckpt.state["partial"])
     metrics: dict = {"weights": weights_report, "memory_after_load": memory_after_load}
 
-    metrics["perplexity"] = ckpt.finished("perplexity")
-    if metrics["perplexity"] and "kld_reference" in metrics["perplexity"] and not ckpt.file(".logprobs.npy").is_file():
+    finished = ckpt.finished("perplexity")
+    if finished and "kld_reference" in finished and not ckpt.file(".logprobs.npy").is_file():
         log("--resume: the checkpoint's KLD reference file is gone; perplexity runs again")
-        metrics["perplexity"] = None
-    if metrics["perplexity"] is None:
-        metrics["perplexity"] = _perplexity_stage(backend, data, is_reference, reference, out_dir, stem, ckpt)
-        ckpt.finish("perplexity", metrics["perplexity"])
+        ckpt.discard("perplexity")
+    metrics["perplexity"] = ckpt.stage("perplexity", lambda done, save: _perplexity_stage(
+        backend, data, is_reference, reference, out_dir, stem, ckpt))
     if "mmlu" not in skip:
-        metrics["mmlu"] = ckpt.finished("mmlu") or mmlu.evaluate(
-            backend, tokenizer, data.mmlu_sample, data.mmlu_prompts, done=ckpt.partial("mmlu"),
-            on_progress=lambda done: ckpt.save_partial("mmlu", done))
-        ckpt.finish("mmlu", metrics["mmlu"])
+        metrics["mmlu"] = ckpt.stage("mmlu", lambda done, save: mmlu.evaluate(
+            backend, tokenizer, data.mmlu_sample, data.mmlu_prompts, done=done, on_progress=save))
     if "generation" not in skip:
         reference_outputs = None
         if reference is not None:
             reference_outputs = [o["text"] for o in reference["metrics"]["generation"]["outputs"]]
-        metrics["generation"] = ckpt.finished("generation") or generation.evaluate(
+        metrics["generation"] = ckpt.stage("generation", lambda done, save: generation.evaluate(
             backend, tokenizer, data.requests, data.request_prompts, settings.max_new_tokens, reference_outputs,
-            done=ckpt.partial("generation"), on_progress=lambda done: ckpt.save_partial("generation", done))
-        ckpt.finish("generation", metrics["generation"])
+            done=done, on_progress=save))
     metrics["memory_peak"] = memory.snapshot()
     metrics["eval_seconds"] = time.time() - started
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import llamacpp
 from .errors import UserError
-from .plan import VECTOR_LLAMA_TYPE, Precision, TensorEntry, bnb_bits_per_weight, is_embedding_or_head
+from .plan import VECTOR_LLAMA_TYPE, Precision, TensorEntry, bnb_bits, is_embedding_or_head
 
 GGUF_LADDER = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")
 LEGACY_SAME_SIZE = {"Q4_K": "Q4_0", "Q5_K": "Q5_0"}
@@ -48,11 +48,6 @@ def gguf_ladder(entry: TensorEntry) -> list[str]:
 
 def gguf_bits(type_name: str) -> float:
     return llamacpp.bits_per_weight(llamacpp.parse_type(type_name))
-
-
-def bnb_bits(entry: TensorEntry, precision: Precision) -> float:
-    probe = TensorEntry(**{**entry.__dict__, "precision": precision})
-    return bnb_bits_per_weight(probe)
 
 
 def allocate(costs: list[list[float]], order: list[int], budget: float) -> list[int]:
@@ -122,7 +117,7 @@ def assign(tensors: list[TensorEntry], kept: dict[str, str | None], scores: dict
     for t, level in zip(gguf_ranked, levels):
         t.llama_type = gguf_ladder(t)[level]
 
-    bnb_costs = [[t.numel * bnb_bits(t, p) for p in BNB_LADDER] for t in bnb_ranked]
+    bnb_costs = [[t.numel * bnb_bits(p, t.ncols) for p in BNB_LADDER] for t in bnb_ranked]
     bnb_floor = bnb_fixed + sum(c[0] for c in bnb_costs)
     feasible = bnb_floor <= budget_bits
     bnb_levels = (allocate(bnb_costs, rank_order(bnb_ranked, scores), budget_bits - bnb_fixed) if feasible
@@ -179,18 +174,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def error_scores(files, entries: list[TensorEntry], imatrix: dict | None) -> dict[str, float]:
-    """Relative (importance-weighted) squared error of each matrix on its ladder's lowest rung,
-    computed with llama.cpp's quantizer; tensors are read one at a time."""
-    from . import ggml_quant, weights
-    from .cli import progress
+def floor_error(entry: TensorEntry, tensor, imatrix: dict | None) -> float:
+    """The `error` score: relative (importance-weighted) squared error of a matrix on its ladder's
+    lowest rung, computed with llama.cpp's quantizer."""
+    from . import ggml_quant
 
-    wanted = {t.hf_name: t for t in entries}
-    infos = [info for info in weights.list_tensors(files) if info.name in wanted]
-    scores = {}
-    for info, tensor in progress(weights.iter_tensors(infos), total=len(infos), desc="4-bit error", unit="tensor"):
-        entry = wanted[info.name]
-        floor = llamacpp.parse_type(gguf_ladder(entry)[0])
-        importance = imatrix.get(entry.gguf_name) if imatrix and entry.gguf_name else None
-        scores[info.name] = ggml_quant.relative_error(tensor.float().numpy(), floor, importance)
-    return scores
+    floor = llamacpp.parse_type(gguf_ladder(entry)[0])
+    importance = imatrix.get(entry.gguf_name) if imatrix and entry.gguf_name else None
+    return ggml_quant.relative_error(tensor.float().numpy(), floor, importance)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from .cli import log
 from .errors import UserError
@@ -59,6 +60,19 @@ class Checkpoint:
         self.state["stages"][stage] = result
         self.state["partial"].pop(stage, None)
         write_json_atomic(self.path, self.state)
+
+    def discard(self, stage: str) -> None:
+        """Forget a finished stage whose outputs are gone: it runs again."""
+        self.state["stages"].pop(stage, None)
+
+    def stage(self, stage: str, compute: Callable[[list, Callable[[list], None]], dict]) -> dict:
+        """The stage's result: from the checkpoint if finished, else compute(done, save) where
+        `done` holds the items saved by an interrupted run and `save` checkpoints the items so far."""
+        result = self.finished(stage)
+        if result is None:
+            result = compute(self.partial(stage), lambda items: self.save_partial(stage, items))
+            self.finish(stage, result)
+        return result
 
     def file(self, suffix: str) -> Path:
         """A file that belongs to this run until it is committed (e.g. '.logprobs.npy')."""

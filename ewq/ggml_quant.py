@@ -75,10 +75,15 @@ def round_trip(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | No
 
 
 def relative_error(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> float:
+    """The relative error (see weighted_error) of `matrix` quantized to `ggml_type`."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    return weighted_error(matrix, round_trip(matrix, ggml_type, imatrix), imatrix)
+
+
+def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | None = None) -> float:
     """sum_j a_j sum_i (w_ij - q_ij)^2 / sum_j a_j sum_i w_ij^2, with a = importance (1 if none):
     the expected relative squared error of the layer's output for inputs of that energy."""
     matrix = np.asarray(matrix, dtype=np.float32)
-    approx = round_trip(matrix, ggml_type, imatrix)
     column_weight = np.ones(matrix.shape[1]) if imatrix is None else np.asarray(imatrix, dtype=np.float64)
     error = ((matrix - approx).astype(np.float64) ** 2).sum(axis=0) @ column_weight
     energy = (matrix.astype(np.float64) ** 2).sum(axis=0) @ column_weight

@@ -211,10 +211,15 @@ class Plan:
 
 
 def bnb_bits_per_weight(t: TensorEntry) -> float:
-    if not t.is_matrix or t.precision is Precision.FP16:
+    return bnb_bits(t.precision, t.ncols) if t.is_matrix else 16.0
+
+
+def bnb_bits(precision: Precision, ncols: int) -> float:
+    """bitsandbytes storage of a matrix with rows of `ncols` values, per weight."""
+    if precision is Precision.FP16:
         return 16.0
-    if t.precision is Precision.INT8:
-        return 8.0 + 32.0 / t.ncols
+    if precision is Precision.INT8:
+        return 8.0 + 32.0 / ncols
     return BNB_NF4_BITS
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from . import plots
@@ -211,12 +212,24 @@ def kld_vs_baseline_rows(rows: list[Result], baseline: Result) -> list[list[str]
     return table
 
 
+@lru_cache(maxsize=None)
+def _plan_params(plan_file: str) -> dict | None:
+    """The params of a plan file, read once per report; None if it is gone or unreadable."""
+    try:
+        params = json.loads(Path(plan_file).read_text()).get("params")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return params if isinstance(params, dict) else None
+
+
 def plan_score(r: Result) -> str:
     """How the plan behind a result ranked tensors, read from the plan file it names."""
     plan_file = r.data.get("plan_file")
-    if not plan_file or not Path(plan_file).is_file():
-        return "–" if not plan_file else "plan file missing"
-    params = json.loads(Path(plan_file).read_text()).get("params", {})
+    if not plan_file:
+        return "–"
+    params = _plan_params(plan_file)
+    if params is None:
+        return "plan file missing or unreadable"
     if params.get("target_bpw") is None and params.get("target_bytes") is None:
         return "entropy thresholds"
     score = params.get("score", "entropy")
@@ -298,6 +311,7 @@ def study_section(studies: list[dict], model_hash: str, out_dir: Path) -> list[s
 
 def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | None = None,
           settings_digest: str | None = None, baseline: str = Variant.GGUF_Q4_K_M.value) -> Path:
+    _plan_params.cache_clear()  # plan files may have changed since an earlier report in this process
     found, studies = load_results(results_dir)
     reference = pick_reference(found, model_hash, settings_digest)
     rows, left_out = comparable(found, reference)

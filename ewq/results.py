@@ -25,12 +25,7 @@ def ensure_writable_dir(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create output directory {path}: {error.strerror}") from None
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".ewq-write-probe.", dir=path)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise UserError(f"output directory {path} is not writable: {error.strerror}") from None
+    _prove_writable(path, path)
     remove_stale_partials(path)
     return path
 
@@ -43,13 +38,18 @@ def check_writable_dir(path: Path) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"cannot create output directory {path}: {existing} is not a directory")
-    try:  # a file created and removed at once: os.access says yes to root on a read-only mount
-        handle, probe = tempfile.mkstemp(prefix=".ewq-write-probe.", dir=existing)
+    _prove_writable(existing, path)
+    return path
+
+
+def _prove_writable(directory: Path, shown: Path) -> None:
+    """Create and remove a file in `directory`: os.access says yes to root on a read-only mount."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ewq-write-probe.", dir=directory)
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise UserError(f"output directory {path} is not writable: {error.strerror}") from None
-    return path
+        raise UserError(f"output directory {shown} is not writable: {error.strerror}") from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -80,7 +80,7 @@ def quantized(model: torch.nn.Module, unit: Unit, imatrix: dict[str, np.ndarray]
             importance = imatrix.get(entry.gguf_name) if imatrix else None
             approx = ggml_quant.round_trip(original, ggml_type, importance)
             if entry.hf_name not in errors:
-                errors[entry.hf_name] = ggml_quant.relative_error(original, ggml_type, importance)
+                errors[entry.hf_name] = ggml_quant.weighted_error(original, approx, importance)
             param.data.copy_(torch.from_numpy(approx).to(param.dtype))
         yield
     finally:
@@ -190,9 +190,9 @@ def main(argv=None) -> None:
         f"{args.windows} windows x {args.stride} tokens; imatrix {args.imatrix or 'none'}")
     model = hf.load_model(files.root, device, hf.compute_dtype(device))
     backend = hf.HFBackend(model, device, "sensitivity", hf.dense_weights_report(model))
+    tokens_digest = perplexity.tokens_digest(tokens[: spec.max_windows * spec.stride + spec.context])
     fingerprint = {"model_hash": model_hash, "plan_hash": plan.plan_hash, "levels": list(levels), "device": device,
-                   "windows": [spec.context, spec.stride, spec.max_windows],
-                   "tokens": perplexity.tokens_digest(tokens[: spec.max_windows * spec.stride + spec.context]),
+                   "windows": [spec.context, spec.stride, spec.max_windows], "tokens": tokens_digest,
                    "imatrix": file_digest(args.imatrix) if args.imatrix else None}
     ckpt = Checkpoint(out_dir, stem, fingerprint, args.resume)
     done = ckpt.partial("units")
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         "method": __doc__.strip(), "four_bit_rule": "Q4_K where its 256-blocks divide the rows, else Q4_0",
         "imatrix": str(args.imatrix) if args.imatrix else None,
         "windows": {"context": spec.context, "stride": spec.stride, "n_windows": spec.max_windows,
-                    "tokens_sha256_16": perplexity.tokens_digest(tokens[: spec.max_windows * spec.stride + spec.context])},
+                    "tokens_sha256_16": tokens_digest},
         "device": device, "environment": results.environment(), "created_utc": results.timestamp(),
         **study, "plot": png_path.name, "resumed_units": len(done),
     })
