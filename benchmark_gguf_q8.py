@@ -2,8 +2,9 @@
 """Benchmark the Q8_0 GGUF of the model through llama.cpp (built if missing), against the original."""
 from functools import partial
 
-from ewq.cli import run_main
-from ewq.gguf_runs import main
+from ewq.commands.bench_gguf import main
+from ewq.commands.common import run_main
+from ewq.results.record import Variant
 
 if __name__ == "__main__":
-    run_main(partial(main, kind="Q8_0"))
+    run_main(partial(main, variant=Variant.GGUF_Q8_0))

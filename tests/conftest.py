@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ewq.backends.base import Backend, Generation  # noqa: E402
+from ewq.results.record import WeightsReport  # noqa: E402
 
 
 def tiny_llama(num_layers=12, hidden=64, intermediate=256, vocab=128, tie=False, seed=0):
@@ -53,7 +54,7 @@ class BigramBackend(Backend):
         return Generation(tokens=tokens, ttft_s=0.01, total_s=0.01 + 0.001 * (max_new_tokens - 1))
 
     def weights_report(self):
-        return {"weight_bytes": 0, "n_weights": 0, "bits_per_weight": 0.0}
+        return WeightsReport(weight_bytes=0, n_weights=0)
 
 
 # --- the scripts end to end (shared by the e2e test modules) -----------------------------------
@@ -90,7 +91,7 @@ def pipeline(tmp_path_factory):
     for script in GGUF_SCRIPTS:
         plan_args = ["--plans-dir", plans] if script == "benchmark_gguf_ewq.py" else []
         run(script, "--quick", *plan_args, "--gguf-dir", plans, "--out-dir", results)
-    run("ewq.gguf_runs", "F16", "--quick", "--gguf-dir", plans, "--out-dir", results)
+    run("ewq.commands.bench_gguf", "F16", "--quick", "--gguf-dir", plans, "--out-dir", results)
     files = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in results.glob("*.json")}
     return {"plan": Path(plan_out[0]), "script": Path(plan_out[1]), "results": results, "files": files, "root": root}
 

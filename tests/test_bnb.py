@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ewq import bnb
+from ewq import bitsandbytes_plan as bnb
+from ewq.errors import UserError
 from ewq.plan import PlanParams, Precision
-from ewq.planning import create_plan
+from ewq.plan.build import create_plan
 
 
 @pytest.fixture
@@ -30,12 +31,12 @@ def test_apply_and_read_back_follow_the_plan(model_and_plan):
             assert bnb.module_precision(module) is t.precision
             precisions[t.precision] += 1
     assert precisions[Precision.INT4] and precisions[Precision.INT8] and precisions[Precision.FP16]
-    by = report["linear_by_precision"]
+    by = report.details["linear_by_precision"]
     assert by["4bit"]["modules"] == precisions[Precision.INT4]
     assert 4.0 < by["4bit"]["bits_per_weight"] < 5.0  # small layers: the codebooks weigh more
     assert 8.0 < by["8bit"]["bits_per_weight"] < 8.6
     assert by["fp16"]["bits_per_weight"] == 32.0  # dense float32 on CPU
-    assert report["weight_bytes"] < sum(p.numel() * 4 for p in dense.parameters())
+    assert report.weight_bytes < sum(p.numel() * 4 for p in dense.parameters())
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected, got = dense(ids).logits, model(ids).logits
@@ -54,5 +55,5 @@ def test_read_back_detects_a_module_that_differs_from_the_plan(model_and_plan):
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)
     setattr(parent, child, torch.nn.Linear(old.in_features, old.out_features, bias=False))
-    with pytest.raises(RuntimeError, match="differ from the plan"):
+    with pytest.raises(UserError, match="differ from the plan"):
         bnb.read_back(model, plan, applied["not_applicable"])

@@ -1,14 +1,17 @@
 """Size-budget plans: the ladder, the rank-ordered allocation, the scores, and llama.cpp's quantizer in process."""
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from conftest import tiny_llama
-from ewq import budget, ggml_quant, plan as plan_mod
+from ewq import plan as plan_mod
+from ewq.commands.plan import parse_size
 from ewq.errors import UserError
-from ewq.plan import PlanParams, Precision
-from ewq.planning import create_plan, write_plan
+from ewq.llamacpp import quantizers as ggml_quant
+from ewq.llamacpp.types import LlamaType as T
+from ewq.plan import PlanParams, Precision, budget
+from ewq.plan.build import create_plan
+from ewq.plan.files import write_plan
 
 
 def matrix(name, cols, rows=256, entropy=5.0, block=0):
@@ -42,20 +45,20 @@ def test_allocation_fills_with_cheaper_lifts_after_an_expensive_one_does_not_fit
 
 
 def test_sizes_parse_with_units_and_refuse_nonsense(tmp_path):
-    assert budget.parse_size("98.9MiB") == int(98.9 * 2**20)
-    assert budget.parse_size("104MB") == 104_000_000 and budget.parse_size("123") == 123
+    assert parse_size("98.9MiB") == int(98.9 * 2**20)
+    assert parse_size("104MB") == 104_000_000 and parse_size("123") == 123
     for bad in ("ten MB", "-5MB", "0"):
         with pytest.raises(UserError, match="target-size"):
-            budget.parse_size(bad)
+            parse_size(bad)
     with pytest.raises(UserError, match="not found"):
-        budget.parse_size(str(tmp_path / "missing.gguf"))
+        parse_size(str(tmp_path / "missing.gguf"))
 
 
 def test_in_process_quantizer_matches_gguf_py_bit_for_bit():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 256)).astype(np.float32)
     ours = ggml_quant.quantize(w, T.Q8_0)
-    theirs = quants.quantize(w, T.Q8_0)
+    theirs = quants.quantize(w, T.Q8_0.ggml)
     assert np.array_equal(ours, theirs.reshape(ours.shape))
 
 
@@ -81,7 +84,7 @@ def test_budget_plans_of_a_model_meet_the_budget(tiny_model_dir, tmp_path, score
     plan = create_plan(str(tiny_model_dir), PlanParams(target_bpw=target, score=score, keep_embeddings=False,
                                                        keep_lm_head=False))
     total = sum(t.numel for t in plan.tensors)
-    bits = sum(t.numel * budget.gguf_bits(t.llama_type) for t in plan.tensors)
+    bits = sum(t.numel * t.llama_type.bits_per_weight for t in plan.tensors)
     assert bits / total <= target and plan.budget["gguf"]["bits_per_weight"] == pytest.approx(bits / total)
     smallest_lift = min(t.numel for t in plan.tensors if t.is_matrix) * (5.5 - 4.5)
     assert target * total - bits < 3 * smallest_lift * 8  # filled up to within a few small lifts
@@ -108,7 +111,7 @@ def test_bitsandbytes_side_reports_an_unreachable_budget(tmp_path):
     assert plan.budget["gguf"]["bits_per_weight"] <= 8.0 and plan.budget["bitsandbytes"]["floor_bits_per_weight"] > 8
     assert plan.budget["bitsandbytes"]["meets_budget"] is False
     assert all(t.precision is Precision.INT4 for t in plan.tensors if t.reason == "budget:entropy"
-               and not plan_mod.is_embedding_or_head(t))
+               and not t.is_embedding_or_head)
 
 
 def test_budget_below_the_floor_is_a_user_error(tiny_model_dir):

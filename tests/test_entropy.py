@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ewq.entropy import histogram_entropy, tensor_stats
+from ewq.plan.entropy import histogram_entropy, tensor_stats
 
 
 def test_uniform_fills_every_bin():

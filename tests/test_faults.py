@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ENV, ROOT, assert_usage_error, run, tiny_llama
-from ewq import checkpoint, results
+from ewq.results import checkpoint
+from ewq.results import io as results
 from ewq.errors import UserError
 
 
@@ -70,9 +71,14 @@ def world(pipeline, tmp_path_factory):
     f16 = next(pipeline["plan"].parent.glob("*-F16.gguf"))
     (root / "truncated.gguf").write_bytes(f16.read_bytes()[:4096])
     (root / "no-tools").mkdir()
+    failing = root / "failing-tools"  # llama.cpp tools that exist but fail, as a tool meeting a full disk would
+    failing.mkdir()
+    for name in ("llama-bench", "llama-quantize", "llama-imatrix"):
+        (failing / name).write_text("#!/bin/sh\necho 'first line' >&2\necho 'fake failure: no space left' >&2\nexit 3\n")
+        (failing / name).chmod(0o755)
     (root / "a-file").write_text("x")
     return {"root": root, "results": results_dir, "plans": pipeline["plan"].parent, "bad_plans": bad_plans,
-            "tiny": tiny, "bert": bert}
+            "tiny": tiny, "bert": bert, "f16": f16}
 
 
 def assert_row(world, result, fragment):
@@ -106,6 +112,8 @@ def rows():
          "--mmlu-per-subject"),
         ("llama_tools_missing", "benchmark_gguf_q4.py", ["--gguf-dir", "{plans}", *q],
          {"EWQ_LLAMA_CPP_BIN": "{root}/no-tools"}, "llama.cpp tool"),
+        ("llama_tool_fails", "benchmark_gguf_q8.py", ["--gguf", "{f16}", *q], {"EWQ_LLAMA_CPP_BIN": "{root}/failing-tools"},
+         "llama-bench failed (exit 3): fake failure: no space left"),
         ("gguf_not_gguf", "benchmark_gguf_q8.py", ["--gguf", "{root}/notes.txt", *q], {}, "not a GGUF file"),
         ("gguf_truncated", "benchmark_gguf_q8.py", ["--gguf", "{root}/truncated.gguf", *q], {}, "cannot read GGUF"),
         ("out_dir_not_writable_plan", "create_quantization_plan.py", ["--model", "{tiny}", "--out-dir", "/proc/self/ewq"],
@@ -134,7 +142,7 @@ def rows():
 
 def fill(value, world):
     return str(value).format(root=world["root"], results=world["results"], plans=world["plans"],
-                             tiny=world["tiny"], bert=world["bert"])
+                             tiny=world["tiny"], bert=world["bert"], f16=world["f16"])
 
 
 @pytest.mark.parametrize("row", rows(), ids=lambda row: row[0])
@@ -356,7 +364,7 @@ def test_sensitivity_study_resumes_with_identical_rows(tiny_model_dir):
     from ewq.backends import hf
     from ewq.metrics import perplexity
     from ewq.plan import PlanParams
-    from ewq.planning import create_plan
+    from ewq.plan.build import create_plan
 
     plan = create_plan(str(tiny_model_dir), PlanParams())
     model = hf.load_model(tiny_model_dir, "cpu", torch.float32)

@@ -15,15 +15,15 @@ from ewq.metrics.stats import bootstrap_se, mean_se, paired_difference, percenti
 
 def test_mean_se_hand_checked():
     result = mean_se([1.0, 2.0, 3.0, 4.0])
-    assert result["mean"] == 2.5 and result["n"] == 4
-    assert result["se"] == pytest.approx(math.sqrt((1.5**2 * 2 + 0.5**2 * 2) / 3 / 4))
-    assert mean_se([5.0])["se"] is None and mean_se([])["mean"] is None
+    assert result.mean == 2.5 and result.n == 4
+    assert result.se == pytest.approx(math.sqrt((1.5**2 * 2 + 0.5**2 * 2) / 3 / 4))
+    assert mean_se([5.0]).se is None and mean_se([]).mean is None
 
 
 def test_proportion_and_paired_difference():
-    assert proportion_se(30, 120) == {"mean": 0.25, "se": pytest.approx(math.sqrt(0.25 * 0.75 / 120)), "n": 120}
+    assert proportion_se(30, 120).to_json() == {"mean": 0.25, "se": pytest.approx(math.sqrt(0.25 * 0.75 / 120)), "n": 120}
     diff = paired_difference([1, 0, 1, 1], [1, 1, 1, 1])
-    assert diff["mean"] == -0.25 and diff["se"] == pytest.approx(0.25) and diff["significant_2se"] is False
+    assert diff.mean == -0.25 and diff.se == pytest.approx(0.25) and diff.significant_2se is False
     with pytest.raises(ValueError):
         paired_difference([1, 2], [1])
 
@@ -35,7 +35,7 @@ def test_percentile_interpolates():
 
 def test_bootstrap_se_of_a_mean_is_close_to_the_analytic_se():
     values = list(np.random.default_rng(0).normal(size=400))
-    assert bootstrap_se(values, lambda s: sum(s) / len(s), rounds=400) == pytest.approx(mean_se(values)["se"], rel=0.15)
+    assert bootstrap_se(values, lambda s: sum(s) / len(s), rounds=400) == pytest.approx(mean_se(values).se, rel=0.15)
 
 
 SPEC = perplexity.WindowSpec(context=16, stride=8, max_windows=10, kld_windows=4)

@@ -4,10 +4,14 @@ import subprocess
 
 import pytest
 
-from ewq import llamacpp, plan as plan_mod
+from ewq import plan as plan_mod
+from ewq.llamacpp.script import quantize_script
 from ewq.errors import UserError
 from ewq.plan import Granularity, PlanParams, Precision, Thresholds
-from ewq.planning import create_plan, write_plan
+from ewq.plan import threshold
+from ewq.plan.build import create_plan
+from ewq.plan import files as plan_files
+from ewq.plan.files import write_plan
 
 
 def entry(name, entropy, shape=(256, 256), block=None):
@@ -36,7 +40,7 @@ def test_keep_rules_and_tensor_granularity():
         entry("model.layers.1.self_attn.k_proj.weight", 3.0, (64, 256), block=1),
         entry("lm_head.weight", 1.0, (1000, 256)),
     ]
-    plan_mod.decide(tensors, PlanParams(entropy_factor=0.5, fp16_factor=0.5, min_params=20_000))
+    threshold.decide(tensors, PlanParams(entropy_factor=0.5, fp16_factor=0.5, min_params=20_000))
     by_name = {t.hf_name: t for t in tensors}
     assert by_name["model.embed_tokens.weight"].reason == "keep:embedding"
     assert by_name["lm_head.weight"].reason == "keep:lm_head"
@@ -50,7 +54,8 @@ def test_keep_rules_and_tensor_granularity():
 def test_block_granularity_gives_every_matrix_its_block_decision():
     tensors = [entry(f"model.layers.{b}.mlp.{k}.weight", e, block=b)
                for b, pair in enumerate([(1.0, 1.2), (3.0, 3.1), (5.0, 5.5)]) for k, e in zip(("up_proj", "down_proj"), pair)]
-    blocks, _ = plan_mod.decide(tensors, PlanParams(granularity=Granularity.BLOCK, entropy_factor=0.5, fp16_factor=0.5))
+    blocks = threshold.decide(tensors, PlanParams(granularity=Granularity.BLOCK, entropy_factor=0.5,
+                                                   fp16_factor=0.5)).blocks
     assert [b.precision for b in blocks] == [Precision.INT4, Precision.INT8, Precision.FP16]
     assert blocks[0].entropy_bits == pytest.approx(1.1)  # parameter-weighted mean of equal-size matrices
     for t in tensors:
@@ -84,7 +89,7 @@ def test_plan_of_a_model_covers_every_tensor_and_is_deterministic(tiny_model_dir
 def test_plan_json_round_trip(tmp_path, tiny_plan):
     json_path, script = write_plan(tiny_plan, tmp_path)
     loaded = plan_mod.load_plan(json_path)
-    assert loaded.to_json() == json.loads(json_path.read_text())
+    assert plan_files.to_json(loaded) == json.loads(json_path.read_text())
     assert plan_mod.find_plan(tmp_path, tiny_plan.model_hash) == json_path
 
 
@@ -97,7 +102,7 @@ def test_plan_json_round_trip(tmp_path, tiny_plan):
     (lambda d: d["params"].update(entropy_factor=0.1), "plan_hash"),
 ])
 def test_corrupt_plans_are_refused(tmp_path, tiny_plan, corrupt, message):
-    data = tiny_plan.to_json()
+    data = plan_files.to_json(tiny_plan)
     corrupt(data)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
@@ -117,7 +122,7 @@ def test_every_pattern_matches_exactly_one_gguf_tensor(tiny_plan):
     assert "blk.1.attn_q.weight" in names and "blk.10.attn_q.weight" in names
     # the trap anchoring avoids: an unanchored `blk.1.` also hits blk.10. and blk.11.
     assert len([n for n in names if re.search("blk.1.", n)]) > len([n for n in names if n.startswith("blk.1.")])
-    script = llamacpp.quantize_script(tiny_plan)
+    script = quantize_script(tiny_plan)
     patterns = re.findall(r"--tensor-type '([^']+)=([a-z0-9_]+)'", script)
     assert len(patterns) == sum(t.is_matrix for t in tiny_plan.tensors)
     for pattern, type_name in patterns:

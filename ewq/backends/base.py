@@ -2,6 +2,8 @@
 
 Token ids are produced once, by the Hugging Face tokenizer of the model under test, and
 handed to the backend: every engine scores exactly the same tokens.
+Implementations: hf.HFBackend (transformers, optionally with bitsandbytes modules) and
+llamacpp.LlamaCppBackend (a GGUF file through the llama_cpp bindings).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..results.record import WeightsReport
 
 @dataclass(frozen=True)
 class Generation:
@@ -23,7 +26,7 @@ class Generation:
 
 
 class Backend(ABC):
-    """One loaded model. Implementations: hf.HFBackend (transformers, optionally bitsandbytes)."""
+    """One loaded model."""
 
     name: str
     device: str
@@ -36,20 +39,14 @@ class Backend(ABC):
         """Log-softmax over the vocabulary for the token after `tokens`."""
         return self.logprobs(tokens)[-1]
 
-    def loglikelihood(self, context: list[int], continuation: list[int]) -> float:
-        """log P(continuation | context), summed over the continuation's tokens."""
-        rows = self.logprobs(context + continuation)
-        start = len(context) - 1
-        return float(sum(rows[start + i, token] for i, token in enumerate(continuation)))
-
     @abstractmethod
     def generate_greedy(self, prompt: list[int], max_new_tokens: int) -> Generation:
         """Exactly `max_new_tokens` greedy tokens (end-of-sequence does not stop decoding, so
         every variant does the same work); timed on the backend's device."""
 
     @abstractmethod
-    def weights_report(self) -> dict:
-        """What is really loaded: bytes of weights, bits per weight, per-precision counts."""
+    def weights_report(self) -> WeightsReport:
+        """What is really loaded, read back: bytes of weights, bits per weight, per-engine details."""
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device}

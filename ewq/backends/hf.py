@@ -6,6 +6,7 @@ import time
 import torch
 
 from ..errors import UserError
+from ..results.record import WeightsReport
 from .base import Backend, Generation
 
 
@@ -42,7 +43,7 @@ def load_tokenizer(model_dir):
 
 
 class HFBackend(Backend):
-    def __init__(self, model, device: str, name: str, weights_report: dict):
+    def __init__(self, model, device: str, name: str, weights_report: WeightsReport):
         self.model, self.device, self.name = model, device, name
         self._weights_report = weights_report
 
@@ -74,14 +75,13 @@ class HFBackend(Backend):
         self._sync()
         return Generation(tokens=tokens, ttft_s=ttft, total_s=time.perf_counter() - start)
 
-    def weights_report(self) -> dict:
+    def weights_report(self) -> WeightsReport:
         return self._weights_report
 
 
-def dense_weights_report(model) -> dict:
+def dense_weights_report(model) -> WeightsReport:
     """Bytes and bits per weight of an unquantized model (shared tensors counted once)."""
     params = list(model.parameters())
-    n = sum(p.numel() for p in params)
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    return {"weight_bytes": nbytes, "n_weights": n, "bits_per_weight": 8 * nbytes / n,
-            "dtype": str(params[0].dtype).removeprefix("torch.")}
+    return WeightsReport(weight_bytes=sum(p.numel() * p.element_size() for p in params),
+                         n_weights=sum(p.numel() for p in params),
+                         details={"dtype": str(params[0].dtype).removeprefix("torch.")})

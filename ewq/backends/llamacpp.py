@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..results.record import WeightsReport
 from .base import Backend, Generation
 
 
@@ -25,7 +26,7 @@ def _import_llama():
 
 
 class LlamaCppBackend(Backend):
-    def __init__(self, gguf_path, device: str, name: str, n_ctx: int, weights_report: dict,
+    def __init__(self, gguf_path, device: str, name: str, n_ctx: int, weights_report: WeightsReport,
                  threads: int | None = None):
         llama_cpp = _import_llama()
         self.device, self.name = device, name
@@ -64,7 +65,7 @@ class LlamaCppBackend(Backend):
             tokens.append(token)
         return Generation(tokens=tokens, ttft_s=ttft, total_s=time.perf_counter() - start)
 
-    def weights_report(self) -> dict:
+    def weights_report(self) -> WeightsReport:
         return self._weights_report
 
     def describe(self) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from ..backends.base import Backend, Generation
-from ..cli import progress
+from ..console import progress
 from ..data.prompts import Request, Task
 from . import textsim
 from .stats import mean_se, percentile
@@ -35,7 +35,7 @@ def visible_text(tokenizer, tokens: list[int]) -> str:
 
 
 def _spread(values: list[float]) -> dict:
-    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "mean": mean_se(values)["mean"], "n": len(values)}
+    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "mean": mean_se(values).mean, "n": len(values)}
 
 
 def evaluate(backend: Backend, tokenizer, requests: list[Request], prompts: list[list[int]], max_new_tokens: int,
@@ -59,7 +59,7 @@ def evaluate(backend: Backend, tokenizer, requests: list[Request], prompts: list
         "n_requests": len(runs),
         "prompt_tokens": _spread([float(len(p)) for p in prompts]),
         "decode_tokens_per_s": {"value": decode_tokens / decode_time if decode_time > 0 else None,
-                                "per_request": mean_se(per_request_tps)},
+                                "per_request": mean_se(per_request_tps).to_json()},
         "ttft_s": _spread([r.ttft_s for r in runs]),
         "latency_s": _spread([r.total_s for r in runs]),
         "outputs": [{"task": r.task, "text": text} for r, text in zip(requests, outputs)],

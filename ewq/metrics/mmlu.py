@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..backends.base import Backend
-from ..cli import progress
+from ..console import progress
 from ..data import mmlu
 from ..errors import UserError
 from .stats import proportion_se
@@ -37,7 +37,7 @@ def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: 
     for question, hit in zip(sample, correct):
         by_subject.setdefault(question.subject, []).append(hit)
     return {
-        "accuracy": proportion_se(sum(correct), len(correct)),
-        "per_subject": {s: proportion_se(sum(v), len(v)) for s, v in sorted(by_subject.items())},
+        "accuracy": proportion_se(sum(correct), len(correct)).to_json(),
+        "per_subject": {s: proportion_se(sum(v), len(v)).to_json() for s, v in sorted(by_subject.items())},
         "per_question_correct": correct,
     }

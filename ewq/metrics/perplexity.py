@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..backends.base import Backend
-from ..cli import progress
+from ..console import progress
 from ..errors import UserError
 from .stats import mean_se, percentile
 
@@ -75,21 +75,21 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
             window_kld.append(float(kld.mean()))
             window_top1.append(float((ref.argmax(-1) == rows.argmax(-1)).double().mean()))
     nll_stats = mean_se(window_nll)
-    ppl = math.exp(nll_stats["mean"])
+    ppl = math.exp(nll_stats.mean)
     result = {
         "settings": asdict(spec),
         "tokens_sha256_16": tokens_digest(tokens[: starts[-1] + spec.context]),
-        "ppl": {"value": ppl, "se": ppl * nll_stats["se"] if nll_stats["se"] else None,
-                "mean_nll": nll_stats["mean"], "mean_nll_se": nll_stats["se"],
+        "ppl": {"value": ppl, "se": ppl * nll_stats.se if nll_stats.se else None,
+                "mean_nll": nll_stats.mean, "mean_nll_se": nll_stats.se,
                 "n_windows": len(starts), "n_tokens": len(starts) * spec.stride},
         "per_window_nll": window_nll,
     }
     if reference is not None and token_kld:
         kld_stats = mean_se(window_kld)
         top1_stats = mean_se(window_top1)
-        result["kld"] = {"mean": kld_stats["mean"], "se": kld_stats["se"], "p99": percentile(token_kld, 99),
-                         "max": max(token_kld), "n_windows": kld_stats["n"], "n_tokens": len(token_kld)}
-        result["same_top1"] = {"mean": top1_stats["mean"], "se": top1_stats["se"], "n_windows": top1_stats["n"],
+        result["kld"] = {"mean": kld_stats.mean, "se": kld_stats.se, "p99": percentile(token_kld, 99),
+                         "max": max(token_kld), "n_windows": kld_stats.n, "n_tokens": len(token_kld)}
+        result["same_top1"] = {"mean": top1_stats.mean, "se": top1_stats.se, "n_windows": top1_stats.n,
                                "n_tokens": len(token_kld)}
         result["per_window_kld"] = window_kld
         result["per_window_same_top1"] = window_top1

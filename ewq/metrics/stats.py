@@ -1,40 +1,72 @@
-"""Means with standard errors, percentiles, and paired differences."""
+"""Estimates with standard errors: means, proportions, paired differences; percentiles, ranks.
+
+Every figure the project reports is an Estimate(mean, se, n). In result JSON it is written as
+{"mean", "se", "n"} (to_json), and a paired difference also carries its z score and whether it
+lies beyond 2 SE (to_json(paired=True)); Estimate.from_json reads either back.
+"""
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 
-def mean_se(values: Sequence[float]) -> dict:
+@dataclass(frozen=True)
+class Estimate:
+    mean: float | None
+    se: float | None  # None for fewer than two items
+    n: int
+
+    @property
+    def z(self) -> float | None:
+        return self.mean / self.se if self.se else None
+
+    @property
+    def significant_2se(self) -> bool | None:
+        """|mean| > 2 SE; None without an SE."""
+        return None if self.z is None else abs(self.z) > 2
+
+    def to_json(self, paired: bool = False) -> dict:
+        out = {"mean": self.mean, "se": self.se, "n": self.n}
+        if paired and self.se:
+            out.update(z=self.z, significant_2se=self.significant_2se)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict | None, mean_key: str = "mean", n_key: str = "n") -> "Estimate | None":
+        """An estimate from a result file; `mean_key` / `n_key` for the few figures written otherwise
+        (perplexity's "value", BLEU's "score", KLD's "n_windows")."""
+        if not isinstance(data, dict) or data.get(mean_key) is None:
+            return None
+        return cls(data[mean_key], data.get("se"), data.get(n_key, 0))
+
+
+def mean_se(values: Sequence[float]) -> Estimate:
     """Mean, standard error of the mean (sample std / sqrt(n)), and n."""
     n = len(values)
     if n == 0:
-        return {"mean": None, "se": None, "n": 0}
+        return Estimate(None, None, 0)
     mean = math.fsum(values) / n
     if n < 2:
-        return {"mean": mean, "se": None, "n": n}
+        return Estimate(mean, None, n)
     variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
+    return Estimate(mean, math.sqrt(variance / n), n)
 
 
-def proportion_se(successes: int, n: int) -> dict:
+def proportion_se(successes: int, n: int) -> Estimate:
     """A proportion with its binomial standard error sqrt(p(1-p)/n)."""
     if n == 0:
-        return {"mean": None, "se": None, "n": 0}
+        return Estimate(None, None, 0)
     p = successes / n
-    return {"mean": p, "se": math.sqrt(p * (1 - p) / n), "n": n}
+    return Estimate(p, math.sqrt(p * (1 - p) / n), n)
 
 
-def paired_difference(variant: Sequence[float], reference: Sequence[float]) -> dict:
+def paired_difference(variant: Sequence[float], reference: Sequence[float]) -> Estimate:
     """Mean of variant[i] - reference[i] with its SE: the paired comparison on shared items."""
     if len(variant) != len(reference):
         raise ValueError(f"paired samples differ in length: {len(variant)} vs {len(reference)}")
-    result = mean_se([v - r for v, r in zip(variant, reference)])
-    if result["se"]:
-        result["z"] = result["mean"] / result["se"]
-        result["significant_2se"] = abs(result["z"]) > 2
-    return result
+    return mean_se([v - r for v, r in zip(variant, reference)])
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

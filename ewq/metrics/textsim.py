@@ -34,4 +34,4 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """Mean F1 ± SE for each ROUGE type."""
     scorer = _rouge_scorer()
     scores = [scorer.score(r, h) for h, r in zip(hypotheses, references)]
-    return {kind: mean_se([s[kind].fmeasure for s in scores]) for kind in ROUGE_TYPES}
+    return {kind: mean_se([s[kind].fmeasure for s in scores]).to_json() for kind in ROUGE_TYPES}

@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import UserError
+from ..metrics.stats import Estimate, paired_difference
+from ..plan.files import find_plan, load_plan
+from ..results.io import ensure_writable_dir, write_text_atomic
+from ..results.record import Result, Variant
+from ..sensitivity import PREDICTORS, STUDY_KIND, tensor_kind
 from . import plots
-from .benchmark import Variant
-from .errors import UserError
-from .metrics.stats import paired_difference
-from .plan import find_plan, load_plan
-from .results import check_writable_dir, ensure_writable_dir, write_text_atomic
 
 MIB = 2**20
-
-
-@dataclass
-class Result:
-    path: Path
-    data: dict
-
-    @property
-    def label(self) -> str:
-        tag = self.data.get("tag")
-        return f"{self.data['variant']}-{tag[:8]}" if tag else self.data["variant"]
-
-    @property
-    def metrics(self) -> dict:
-        return self.data["metrics"]
-
-    def get(self, *keys, default=None):
-        node = self.metrics
-        for key in keys:
-            if not isinstance(node, dict) or key not in node:
-                return default
-            node = node[key]
-        return node
 
 
 def load_results(results_dir: Path) -> tuple[list[Result], list[dict]]:
@@ -56,37 +33,35 @@ def load_results(results_dir: Path) -> tuple[list[Result], list[dict]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(data, dict) and data.get("kind") == "sensitivity-study":
+        if isinstance(data, dict) and data.get("kind") == STUDY_KIND:
             studies.append(data)
-        elif isinstance(data, dict) and {"variant", "metrics", "model_hash", "settings"} <= data.keys():
-            found.append(Result(path, data))
+        elif Result.is_result(data):
+            found.append(Result(data, path))
     return found, studies
 
 
 def pick_reference(found: list[Result], model_hash: str | None, digest: str | None) -> Result:
-    originals = [r for r in found if r.data["variant"] == Variant.ORIGINAL.value
-                 and (model_hash is None or r.data["model_hash"] == model_hash)
-                 and (digest is None or r.data["settings"]["digest"] == digest)]
+    originals = [r for r in found if r.is_original
+                 and (model_hash is None or r.model_hash == model_hash)
+                 and (digest is None or r.settings_digest == digest)]
     if not originals:
         raise UserError("no original result to compare against (run benchmark_original.py with the same settings)")
-    return max(originals, key=lambda r: r.data.get("created_utc", ""))
+    return max(originals, key=lambda r: r.created_utc)
 
 
 def comparable(found: list[Result], reference: Result) -> tuple[list[Result], list[tuple[Result, str]]]:
-    ref = reference.data
     keep, left_out = [], []
-    ref_tokens = ref["metrics"]["perplexity"]["tokens_sha256_16"]
     for r in found:
-        if r.data["model_hash"] != ref["model_hash"]:
-            left_out.append((r, f"other model hash {r.data['model_hash']}"))
-        elif r.data["settings"]["digest"] != ref["settings"]["digest"]:
-            differing = sorted(k for k in ref["settings"] if r.data["settings"].get(k) != ref["settings"][k])
+        if r.model_hash != reference.model_hash:
+            left_out.append((r, f"other model hash {r.model_hash}"))
+        elif r.settings_digest != reference.settings_digest:
+            differing = sorted(k for k in reference.settings if r.settings.get(k) != reference.settings[k])
             left_out.append((r, "other settings: " + ", ".join(differing)))
-        elif r.get("perplexity", "tokens_sha256_16") != ref_tokens:
+        elif r.tokens_digest != reference.tokens_digest:
             left_out.append((r, "other evaluation tokens (text or tokenizer changed)"))
         else:
             keep.append(r)
-    keep.sort(key=lambda r: (r is not reference, -(r.get("weights", "bits_per_weight") or 0)))
+    keep.sort(key=lambda r: (r is not reference, -(r.bits_per_weight or 0)))
     return keep, left_out
 
 
@@ -98,11 +73,10 @@ def fmt(value, digits: int = 3, scale: float = 1.0) -> str:
     return f"{value * scale:.{digits}f}"
 
 
-def with_se(stat: dict | None, digits: int = 3, scale: float = 1.0, mean_key: str = "mean") -> str:
-    if not stat or stat.get(mean_key) is None:
+def with_se(stat: Estimate | None, digits: int = 3, scale: float = 1.0) -> str:
+    if stat is None or stat.mean is None:
         return "–"
-    se = stat.get("se")
-    return fmt(stat[mean_key], digits, scale) + ("" if se is None else f" ± {fmt(se, digits, scale)}")
+    return fmt(stat.mean, digits, scale) + ("" if stat.se is None else f" ± {fmt(stat.se, digits, scale)}")
 
 
 def flag(delta: float | None, se: float | None) -> str:
@@ -118,70 +92,61 @@ def pct_change(value, base) -> str:
     return f"{100 * (value / base - 1):+.1f}%"
 
 
-def unpaired(a: dict | None, b: dict | None, mean_key: str = "mean") -> tuple[float | None, float | None]:
-    if not a or not b or a.get(mean_key) is None or b.get(mean_key) is None:
+def unpaired(a: Estimate | None, b: Estimate | None) -> tuple[float | None, float | None]:
+    if a is None or b is None:
         return None, None
-    if a.get("se") is None or b.get("se") is None:
-        return a[mean_key] - b[mean_key], None
-    return a[mean_key] - b[mean_key], math.hypot(a["se"], b["se"])
+    if a.se is None or b.se is None:
+        return a.mean - b.mean, None
+    return a.mean - b.mean, math.hypot(a.se, b.se)
 
 
-def paired(r: Result, ref: Result, *keys) -> dict | None:
-    a, b = r.get(*keys), ref.get(*keys)
+def paired(a: list[float] | None, b: list[float] | None) -> Estimate | None:
+    """The paired difference of two results' per-item values (windows, questions), if both have them."""
     if not a or not b or len(a) != len(b):
         return None
     return paired_difference(a, b)
-
-
-def peak_memory_mib(r: Result) -> float | None:
-    peak = r.get("memory_peak") or {}
-    gpu = peak.get("torch_peak_allocated_bytes")
-    return (gpu if gpu is not None else peak.get("peak_rss_bytes") or 0) / MIB or None
 
 
 # --- the tables ------------------------------------------------------------------------------
 
 def summary_rows(rows: list[Result], ref: Result) -> list[list[str]]:
     table = []
-    ref_bytes = ref.get("weights", "weight_bytes")
-    ref_speed = ref.get("generation", "decode_tokens_per_s", "value")
     for r in rows:
         is_ref = r is ref
-        nll = None if is_ref else paired(r, ref, "perplexity", "per_window_nll")
-        ppl = r.get("perplexity", "ppl") or {}
-        ppl_cell = with_se({"mean": ppl.get("value"), "se": ppl.get("se")})
+        nll = None if is_ref else paired(r.per_window_nll, ref.per_window_nll)
+        ppl_cell = with_se(r.ppl)
         if nll:
-            ppl_cell += f" ({100 * (math.exp(nll['mean']) - 1):+.2f}%{flag(nll['mean'], nll['se'])})"
-        acc = r.get("mmlu", "accuracy")
+            ppl_cell += f" ({100 * (math.exp(nll.mean) - 1):+.2f}%{flag(nll.mean, nll.se)})"
+        acc = r.mmlu_accuracy
         acc_cell = with_se(acc, 1, 100)
-        mmlu_delta = None if is_ref else paired(r, ref, "mmlu", "per_question_correct")
+        mmlu_delta = None if is_ref else paired(r.per_question_correct, ref.per_question_correct)
         if mmlu_delta and acc:
-            acc_cell += f" ({100 * mmlu_delta['mean']:+.1f} ± {100 * mmlu_delta['se']:.1f} pts" \
-                        f"{flag(mmlu_delta['mean'], mmlu_delta['se'])}, n={acc['n']})"
+            acc_cell += f" ({100 * mmlu_delta.mean:+.1f} ± {100 * mmlu_delta.se:.1f} pts" \
+                        f"{flag(mmlu_delta.mean, mmlu_delta.se)}, n={acc.n})"
         elif acc:
-            acc_cell += f" (n={acc['n']})"
-        bleu = r.get("generation", "summarization", "bleu")
-        bleu_cell = with_se(bleu, 2, mean_key="score")
-        if not is_ref and bleu:
-            d, se = unpaired(bleu, ref.get("generation", "summarization", "bleu"), "score")
-            bleu_cell += flag(d, se)
-        rouge = r.get("generation", "summarization", "rouge") or {}
-        speed = r.get("generation", "decode_tokens_per_s", "value")
+            acc_cell += f" (n={acc.n})"
+        bleu_cell = with_se(r.bleu, 2)
+        if not is_ref and r.bleu:
+            bleu_cell += flag(*unpaired(r.bleu, ref.bleu))
+        rouge = r.rouge
+        speed = r.decode_tokens_per_s
+        peak = r.peak_memory_bytes
         table.append([
             f"**{r.label}**" if is_ref else r.label,
-            fmt((r.get("weights", "weight_bytes") or 0) / MIB, 1),
-            fmt(r.get("weights", "bits_per_weight"), 2),
-            "–" if is_ref else pct_change(r.get("weights", "weight_bytes"), ref_bytes),
-            fmt(peak_memory_mib(r), 0),
-            fmt(speed, 1) + ("" if is_ref or speed is None else f" ({pct_change(speed, ref_speed)})"),
-            fmt(r.get("generation", "latency_s", "p50"), 2),
+            fmt((r.weight_bytes or 0) / MIB, 1),
+            fmt(r.bits_per_weight, 2),
+            "–" if is_ref else pct_change(r.weight_bytes, ref.weight_bytes),
+            fmt(peak / MIB if peak else None, 0),
+            fmt(speed, 1) + ("" if is_ref or speed is None else f" ({pct_change(speed, ref.decode_tokens_per_s)})"),
+            fmt(r.latency_p50_s, 2),
             ppl_cell,
-            "ref" if is_ref else with_se(r.get("perplexity", "kld"), 4),
-            "ref" if is_ref else with_se(r.get("perplexity", "same_top1"), 1, 100),
+            "ref" if is_ref else with_se(r.kld, 4),
+            "ref" if is_ref else with_se(r.same_top1, 1, 100),
             acc_cell,
             bleu_cell,
-            "/".join(fmt((rouge.get(k) or {}).get("mean"), 3) for k in ("rouge1", "rouge2", "rougeL")) if rouge else "–",
-            "ref" if is_ref else with_se(r.get("generation", "rougeL_vs_original"), 3),
+            "/".join(fmt(rouge[k].mean if rouge.get(k) else None, 3) for k in ("rouge1", "rouge2", "rougeL"))
+            if rouge else "–",
+            "ref" if is_ref else with_se(r.rougeL_vs_original, 3),
         ])
     return table
 
@@ -195,19 +160,19 @@ def kld_vs_baseline_rows(rows: list[Result], baseline: Result) -> list[list[str]
     """Paired KLD difference per window against a baseline variant (same windows, same reference)."""
     table = []
     for r in rows:
-        kld = r.get("perplexity", "kld")
-        if not kld:
+        kld = r.kld
+        if kld is None:
             continue
-        diff = None if r is baseline else paired(r, baseline, "perplexity", "per_window_kld")
+        diff = None if r is baseline else paired(r.per_window_kld, baseline.per_window_kld)
         table.append([
             f"**{r.label}**" if r is baseline else r.label,
-            fmt((r.get("weights", "weight_bytes") or 0) / MIB, 2),
-            fmt(r.get("weights", "bits_per_weight"), 3),
+            fmt((r.weight_bytes or 0) / MIB, 2),
+            fmt(r.bits_per_weight, 3),
             plan_score(r),
             with_se(kld, 4),
-            "baseline" if diff is None else f"{diff['mean']:+.4f} ± {diff['se']:.4f}{flag(diff['mean'], diff['se'])}",
-            with_se(r.get("perplexity", "same_top1"), 1, 100),
-            str(kld["n_windows"]),
+            "baseline" if diff is None else f"{diff.mean:+.4f} ± {diff.se:.4f}{flag(diff.mean, diff.se)}",
+            with_se(r.same_top1, 1, 100),
+            str(kld.n),
         ])
     return table
 
@@ -224,7 +189,7 @@ def _plan_params(plan_file: str) -> dict | None:
 
 def plan_score(r: Result) -> str:
     """How the plan behind a result ranked tensors, read from the plan file it names."""
-    plan_file = r.data.get("plan_file")
+    plan_file = r.plan_file
     if not plan_file:
         return "–"
     params = _plan_params(plan_file)
@@ -248,11 +213,10 @@ SAME_SIZE = 1e-3  # sizes within 0.1% count as equal on the Pareto front (budget
 def pareto_points(rows: list[Result]) -> list[dict]:
     points = []
     for r in rows:
-        if r.get("perplexity", "kld"):
+        if r.kld is not None:
             how = plan_score(r)
             points.append({"label": r.label + ("" if how == "–" else f" ({how})"),
-                           "bpw": r.get("weights", "bits_per_weight"), "kld": r.get("perplexity", "kld", "mean"),
-                           "kld_se": r.get("perplexity", "kld", "se") or 0})
+                           "bpw": r.bits_per_weight, "kld": r.kld.mean, "kld_se": r.kld.se or 0})
     for p in points:
         p["pareto"] = not any(q is not p and q["bpw"] <= p["bpw"] * (1 + SAME_SIZE) and q["kld"] < p["kld"]
                               for q in points)
@@ -262,8 +226,6 @@ def pareto_points(rows: list[Result]) -> list[dict]:
 # --- figures from the plan and the study -------------------------------------------------------
 
 def entropy_figure(plans_dir: Path, model_hash: str, out_dir: Path) -> tuple[Path, str] | None:
-    from .sensitivity import tensor_kind
-
     try:
         plan_file = find_plan(plans_dir, model_hash)
         plan = load_plan(plan_file)
@@ -282,8 +244,6 @@ def entropy_figure(plans_dir: Path, model_hash: str, out_dir: Path) -> tuple[Pat
 
 
 def study_section(studies: list[dict], model_hash: str, out_dir: Path) -> list[str]:
-    from .sensitivity import PREDICTORS
-
     mine = [s for s in studies if s.get("model_hash") == model_hash]
     if not mine:
         return ["_No sensitivity study for this model in the results directory (run study_sensitivity.py)._"]
@@ -316,16 +276,15 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
     reference = pick_reference(found, model_hash, settings_digest)
     rows, left_out = comparable(found, reference)
     out_dir = ensure_writable_dir(out_dir)
-    ref = reference.data
-    s = ref["settings"]
+    s, env = reference.settings, reference.environment
     lines = [
-        f"# EWQ comparison report: {ref['model']}",
+        f"# EWQ comparison report: {reference.model}",
         "",
-        f"Model hash `{ref['model_hash']}`, settings `{s['digest']}` on {s['device']}: {s['ppl_windows']} perplexity "
+        f"Model hash `{reference.model_hash}`, settings `{s['digest']}` on {s['device']}: {s['ppl_windows']} perplexity "
         f"windows of {s['context']} tokens (stride {s['stride']}), KLD on the first {s['kld_windows']}; MMLU "
         f"{s['mmlu_per_subject']}/subject {s['mmlu_shots']}-shot; greedy generation, {s['max_new_tokens']} new tokens. "
-        f"Environment of the original: {ref['environment'].get('cpu')} x{ref['environment'].get('cpu_count')}, "
-        f"torch {ref['environment'].get('torch')}, GPU: {ref['environment'].get('gpu', 'none')}.",
+        f"Environment of the original: {env.get('cpu')} x{env.get('cpu_count')}, "
+        f"torch {env.get('torch')}, GPU: {env.get('gpu', 'none')}.",
         "",
         "Deltas in parentheses are against the original: perplexity and MMLU paired on the same windows and "
         "questions; **(n.s.)** = within 2 standard errors of zero. Speed is per engine (torch vs llama.cpp): compare "
@@ -334,8 +293,8 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
         markdown_table(SUMMARY_HEADER, summary_rows(rows, reference)),
         "",
     ]
-    base = next((r for r in rows if r.data["variant"] == baseline and not r.data.get("tag")), None)
-    if base is not None and base.get("perplexity", "kld"):
+    base = next((r for r in rows if r.variant == baseline and not r.tag), None)
+    if base is not None and base.kld is not None:
         lines += [f"## KLD at equal size: every variant against {base.label} (paired on the same windows)", "",
                   markdown_table(["variant", "weights MiB", "bpw", "plan", "KLD ± SE", f"Δ KLD vs {base.label}",
                                   "same top-1 %", "windows"], kld_vs_baseline_rows(rows, base)), ""]
@@ -346,45 +305,19 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
         lines += ["## Size vs KL divergence", "",
                   f"Pareto-optimal (no variant at most as large, within {100 * SAME_SIZE:g}%, and closer): {front}.", "",
                   "![size vs KLD](size_vs_kld.png)", ""]
-    with_mmlu = {r.label: r.get("mmlu", "per_subject") for r in rows if r.get("mmlu", "per_subject")}
+    with_mmlu = {r.label: r.mmlu_per_subject for r in rows if r.mmlu_per_subject}
     if with_mmlu:
         plots.mmlu_by_subject(with_mmlu, out_dir / "mmlu_by_subject.png")
         lines += ["## MMLU per subject", "", "![MMLU per subject](mmlu_by_subject.png)", ""]
-    heatmap = entropy_figure(plans_dir, ref["model_hash"], out_dir)
+    heatmap = entropy_figure(plans_dir, reference.model_hash, out_dir)
     if heatmap:
         lines += ["## Weight entropy", "", f"From `{heatmap[1]}`.", "", "![entropy](entropy_heatmap.png)", ""]
-    lines += ["## Does entropy predict sensitivity?", "", *study_section(studies, ref["model_hash"], out_dir), ""]
+    lines += ["## Does entropy predict sensitivity?", "", *study_section(studies, reference.model_hash, out_dir), ""]
     if left_out:
         lines += ["## Results not compared", ""] + [f"- `{r.path.name}`: {why}" for r, why in left_out] + [""]
-    skipped = [f"- `{r.label}` skipped: {', '.join(r.data['skipped_stages'])}" for r in rows if r.data.get("skipped_stages")]
+    skipped = [f"- `{r.label}` skipped: {', '.join(r.skipped_stages)}" for r in rows if r.skipped_stages]
     if skipped:
         lines += ["## Stages left out", "", *skipped, ""]
     report = out_dir / "report.md"
     write_text_atomic(report, "\n".join(lines))
     return report
-
-
-def main(argv=None) -> None:
-    from .cli import Parser, dry_run, log
-
-    parser = Parser(description="Turn benchmark_results/*.json into a markdown comparison report with PNG plots.")
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmark_results"), help="benchmark JSON files")
-    parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="for the entropy heatmap")
-    parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="where report.md and its PNGs go")
-    parser.add_argument("--model-hash", help="model hash to compare; None: that of the newest original")
-    parser.add_argument("--settings", help="settings digest to compare; None: that of the newest original")
-    parser.add_argument("--baseline", default=Variant.GGUF_Q4_K_M.value,
-                        help="variant every KLD is paired against in the equal-size table")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be compared, write nothing")
-    args = parser.parse_args(argv)
-    check_writable_dir(args.out_dir)
-    if args.dry_run:
-        found, studies = load_results(args.results_dir)
-        reference = pick_reference(found, args.model_hash, args.settings)
-        rows, left_out = comparable(found, reference)
-        return dry_run([f"compare {len(rows)} results: {', '.join(r.label for r in rows)}",
-                        *[f"leave out {r.path.name}: {why}" for r, why in left_out],
-                        f"write {args.out_dir / 'report.md'} and its PNG figures"])
-    path = build(args.results_dir, args.plans_dir, args.out_dir, args.model_hash, args.settings, args.baseline)
-    log(f"report written: {path}")
-    print(path)

@@ -1,22 +1,23 @@
-"""GGUF files: convert an HF model to F16, build an importance matrix, quantize, read back.
+"""GGUF files: convert an HF model to F16, build an importance matrix, quantize, read back, verify.
 
 The read-back uses the `gguf` package's reader: the types, sizes and bits per weight written in
-every result come from the file itself, not from what was asked of llama-quantize.
+every result come from the file itself, not from what was asked of llama-quantize. A llama.cpp
+tool that fails is a ToolError: one line naming the step and the tool's last line of output.
 """
 from __future__ import annotations
 
 import collections
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import llamacpp_build
-from .cli import log
-from .errors import UserError
-from .results import atomic_path
+from ..console import log
+from ..errors import ToolError, UserError
+from ..results.io import atomic_path
+from ..results.record import WeightsReport
+from . import build as tools
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,13 @@ def read_tensors(path: Path) -> list[GGUFTensor]:
     return [GGUFTensor(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
 
 
-def describe(path: Path) -> dict:
-    """File size, bits per weight over all tensors, and the type histogram, read from the file."""
+def describe(path: Path) -> WeightsReport:
+    """Tensor bytes, bits per weight over all tensors, file size and the type histogram, read from the file."""
     tensors = read_tensors(path)
-    n_weights = sum(t.n_elements for t in tensors)
-    tensor_bytes = sum(t.n_bytes for t in tensors)
     histogram = collections.Counter(t.type_name for t in tensors)
-    return {
-        "file": str(path),
-        "file_bytes": Path(path).stat().st_size,
-        "weight_bytes": tensor_bytes,
-        "n_weights": n_weights,
-        "bits_per_weight": 8 * tensor_bytes / n_weights,
-        "type_histogram": dict(sorted(histogram.items())),
-    }
+    return WeightsReport(weight_bytes=sum(t.n_bytes for t in tensors), n_weights=sum(t.n_elements for t in tensors),
+                         details={"file": str(path), "file_bytes": Path(path).stat().st_size,
+                                  "type_histogram": dict(sorted(histogram.items()))})
 
 
 def verify_plan(plan, path: Path) -> dict:
@@ -77,12 +71,15 @@ def verify_plan(plan, path: Path) -> dict:
             "matches_plan": True}
 
 
-def _run(command: list[str], what: str, env: dict | None = None) -> None:
+def run_tool(command: list, what: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool; its failure is a ToolError (one line: the step, the exit code, the
+    tool's last line of output)."""
     log(f"{what}: {' '.join(map(str, command[:3]))} ...")
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{tail}")
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise ToolError(f"{what} failed (exit {result.returncode}): {lines[-1].strip() if lines else 'no output'}")
+    return result
 
 
 def convert_f16(model_dir: Path, target: Path) -> Path:
@@ -91,7 +88,7 @@ def convert_f16(model_dir: Path, target: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as temp:
-        _run([sys.executable, llamacpp_build.converter(), model_dir, "--outtype", "f16", "--outfile", temp],
+        run_tool([sys.executable, tools.converter(), model_dir, "--outtype", "f16", "--outfile", temp],
              "convert to F16 GGUF")
     return target
 
@@ -100,7 +97,7 @@ def build_imatrix(f16: Path, calibration_text: Path, target: Path, context: int,
     if target.is_file():
         return target
     with atomic_path(target) as temp:
-        _run([llamacpp_build.tool("llama-imatrix"), "-m", f16, "-f", calibration_text, "-o", temp,
+        run_tool([tools.tool("llama-imatrix"), "-m", f16, "-f", calibration_text, "-o", temp,
                "--output-format", "gguf", "-c", context, "--chunks", chunks, "--no-ppl"], "importance matrix")
     return target
 
@@ -110,7 +107,7 @@ def quantize(f16: Path, target: Path, ftype: str, imatrix: Path | None) -> Path:
         return target
     with atomic_path(target) as temp:
         extra = ["--imatrix", imatrix] if imatrix else []
-        _run([llamacpp_build.tool("llama-quantize"), *extra, f16, temp, ftype], f"quantize {ftype}")
+        run_tool([tools.tool("llama-quantize"), *extra, f16, temp, ftype], f"quantize {ftype}")
     return target
 
 
@@ -119,33 +116,7 @@ def quantize_with_plan(script: Path, f16: Path, target: Path, imatrix: Path | No
     if target.is_file():
         return target
     with atomic_path(target) as temp:
-        env = {**os.environ, "LLAMA_QUANTIZE": str(llamacpp_build.tool("llama-quantize"))}
+        env = {**os.environ, "LLAMA_QUANTIZE": str(tools.tool("llama-quantize"))}
         extra = ["--imatrix", imatrix] if imatrix else []
-        _run(["bash", script, f16, temp, *extra], "quantize with the EWQ plan", env=env)
+        run_tool(["bash", script, f16, temp, *extra], "quantize with the EWQ plan", env=env)
     return target
-
-
-def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int,
-                     kld_base: Path, write_base: bool) -> dict:
-    """llama.cpp's own perplexity (and KLD against a stored base) on a text file, parsed."""
-    command = [llamacpp_build.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", context,
-               "--chunks", chunks, "-t", threads, "--kl-divergence-base", kld_base]
-    if not write_base:
-        command.append("--kl-divergence")
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"llama-perplexity failed: {result.stderr.strip().splitlines()[-3:]}")
-    text = result.stdout + result.stderr
-    number = r"([-+0-9.eE]+)"
-    parsed: dict = {}
-    for key, pattern in {"ppl": rf"Mean PPL\(Q\)\s*:\s*{number}\s*±\s*{number}",
-                         "kld": rf"Mean\s+KLD:\s*{number}\s*±\s*{number}",
-                         "same_top1_pct": rf"Same top p:\s*{number}\s*±\s*{number}"}.items():
-        match = re.search(pattern, text)
-        if match:
-            parsed[key] = {"mean": float(match.group(1)), "se": float(match.group(2))}
-    if "ppl" not in parsed:  # writing the base prints the classic estimate only
-        match = re.search(rf"Final estimate: PPL = {number} \+/- {number}", text)
-        if match:
-            parsed["ppl"] = {"mean": float(match.group(1)), "se": float(match.group(2))}
-    return parsed

@@ -1,18 +1,14 @@
-"""Result files: atomic writes, environment capture, and the benchmark JSON layout."""
+"""Writing files safely: atomic writes, writable output directories, stale temporary files, digests."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import platform
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
-
-RESULT_SCHEMA_VERSION = 1
-
+from ..errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -114,38 +110,10 @@ def write_json_atomic(target: Path, data: dict) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def environment() -> dict:
-    import torch
-    import transformers
-
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    try:
-        import bitsandbytes
-
-        env["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        env["bitsandbytes"] = None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["cuda"] = torch.version.cuda
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["nvidia_driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception as error:  # pynvml missing or no NVML: record why
-            env["nvidia_driver"] = f"unavailable ({type(error).__name__})"
-    return env
-
-
-def timestamp() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+def file_digest(path: Path) -> str:
+    """16 hex digits of the SHA-256 of a file's bytes (an importance matrix's identity in a plan)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

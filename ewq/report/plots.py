@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .results import atomic_path  # noqa: E402
+from ..results.io import atomic_path  # noqa: E402
 
 
 def _save(fig, target: Path) -> Path:

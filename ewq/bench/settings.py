@@ -1,0 +1,58 @@
+"""Evaluation settings: the same for every variant, so that results can be compared.
+
+Two presets (full, quick); any flag given explicitly overrides its preset value. The digest of
+the settings is part of every result's name: variants with equal settings find each other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from ..errors import UserError
+from ..metrics import perplexity
+
+GENSIM_WIKI, WIKITEXT2 = "gensim-wiki", "wikitext2"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    device: str
+    eval_text: str
+    context: int
+    stride: int
+    ppl_windows: int
+    kld_windows: int
+    mmlu_per_subject: int
+    mmlu_shots: int
+    gen_per_task: int
+    summaries: int
+    max_new_tokens: int
+    seed: int
+
+    @property
+    def window_spec(self) -> perplexity.WindowSpec:
+        return perplexity.WindowSpec(self.context, self.stride, self.ppl_windows, self.kld_windows)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "digest": self.digest}
+
+
+FULL = dict(eval_text=GENSIM_WIKI, context=512, stride=256, ppl_windows=128, kld_windows=32, mmlu_per_subject=20,
+            mmlu_shots=0, gen_per_task=3, summaries=100, max_new_tokens=128, seed=1234)
+QUICK = dict(FULL, ppl_windows=8, kld_windows=8, mmlu_per_subject=2, mmlu_shots=0, gen_per_task=1, summaries=3,
+             max_new_tokens=32)
+
+
+def settings_from_args(args, device: str) -> EvalSettings:
+    preset = QUICK if args.quick else FULL
+    values = {key: getattr(args, key) if getattr(args, key) is not None else default for key, default in preset.items()}
+    if values["mmlu_per_subject"] <= 0:
+        raise UserError(f"--mmlu-per-subject must be positive, got {values['mmlu_per_subject']}")
+    settings = EvalSettings(device=device, **values)
+    settings.window_spec.validate()
+    return settings

@@ -1,0 +1,119 @@
+"""create_quantization_plan.py: score every tensor and write quant_plan_<hash>.json and quantize_command_<hash>.sh."""
+from __future__ import annotations
+
+import collections
+from argparse import BooleanOptionalAction
+from pathlib import Path
+
+from .. import weights
+from ..console import log
+from ..errors import UserError
+from ..llamacpp.files import describe
+from ..llamacpp.quantizers import ImportanceMatrix
+from ..plan.build import create_plan
+from ..plan.files import plan_path, script_path, write_plan
+from ..plan.model import Granularity, PlanParams, Score, plan_hash
+from ..results.io import check_writable_dir, file_digest
+from .common import (PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
+                     positive_float, positive_int)
+
+DESCRIPTION = """Compute per-tensor / per-block weight entropy and write an EWQ quantization plan.
+
+Writes quantized_models/quant_plan_<hash>.json and quantize_command_<hash>.sh (llama-quantize).
+"""
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
+          "G": 2**30, "GB": 10**9, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'98.9MiB', '104MB', '103668480' -> bytes; or the path of a GGUF file -> its tensor bytes."""
+    if Path(text).suffix == ".gguf":
+        return int(describe(Path(text)).weight_bytes)
+    number = text.strip().upper().rstrip()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if unit and number.endswith(unit):
+            value, factor = number[: -len(unit)], _UNITS[unit]
+            break
+    else:
+        value, factor = number, 1
+    try:
+        size = float(value) * factor
+    except ValueError:
+        raise UserError(f"--target-size takes bytes with an optional unit (e.g. 98.9MiB) or a .gguf file, "
+                        f"got {text!r}") from None
+    if size <= 0:
+        raise UserError(f"--target-size must be positive, got {text!r}")
+    return int(size)
+
+
+def parse_args(argv):
+    parser = Parser(description=DESCRIPTION)
+    add_model_arg(parser)
+    parser.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.TENSOR.value,
+                        help="decide per tensor or per transformer block (the plan records both levels)")
+    parser.add_argument("--entropy-factor", type=non_negative_float, default=PlanParams.entropy_factor,
+                        help="K: scores below mean - K*std are quantized to 4-bit")
+    parser.add_argument("--fp16-factor", type=float, default=PlanParams.fp16_factor,
+                        help="J: scores at or above mean + J*std stay fp16 (0 reproduces the seeds' rule)")
+    parser.add_argument("--bins", type=positive_int, default=PlanParams.bins, help="histogram bins for the entropy")
+    parser.add_argument("--keep-embeddings", action=BooleanOptionalAction, default=PlanParams.keep_embeddings,
+                        help="keep token embeddings in fp16")
+    parser.add_argument("--keep-lm-head", action=BooleanOptionalAction, default=PlanParams.keep_lm_head,
+                        help="keep the output projection in fp16")
+    parser.add_argument("--min-params", type=non_negative_int, default=PlanParams.min_params,
+                        help="keep matrices with fewer parameters than this in fp16")
+    budget = parser.add_argument_group("size-budget plans (instead of the thresholds)")
+    target = budget.add_mutually_exclusive_group()
+    target.add_argument("--target-bpw", type=positive_float, help="bits per weight over all tensors, as read back")
+    target.add_argument("--target-size", help="tensor bytes (e.g. 98.9MiB, 104MB) or a .gguf file to match in size")
+    budget.add_argument("--score", choices=[s.value for s in Score], default=Score.ENTROPY.value,
+                        help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control)")
+    budget.add_argument("--seed", type=int, default=PlanParams.seed, help="seed of --score random")
+    budget.add_argument("--imatrix", type=Path, help="llama-imatrix GGUF weighting the columns of --score error")
+    parser.add_argument("--out-dir", type=Path, default=PLANS_DIR, help="where the plan is written")
+    add_dry_run_arg(parser)
+    args = parser.parse_args(argv)
+    if args.target_bpw is None and args.target_size is None and args.score != Score.ENTROPY.value:
+        parser.error(f"--score {args.score} ranks tensors for a size budget: give --target-bpw or --target-size")
+    if args.imatrix is not None and args.score != Score.ERROR.value:
+        parser.error("--imatrix weights the quantization error: it goes with --score error")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    imatrix = ImportanceMatrix.load(args.imatrix) if args.imatrix is not None else None
+    score = Score(args.score)
+    params = PlanParams(granularity=Granularity(args.granularity), entropy_factor=args.entropy_factor,
+                        fp16_factor=args.fp16_factor, bins=args.bins, keep_embeddings=args.keep_embeddings,
+                        keep_lm_head=args.keep_lm_head, min_params=args.min_params, target_bpw=args.target_bpw,
+                        target_bytes=parse_size(args.target_size) if args.target_size else None, score=score,
+                        seed=args.seed if score is Score.RANDOM else PlanParams.seed,
+                        imatrix_digest=file_digest(args.imatrix) if imatrix else None)
+    files = weights.open_model(args.model)
+    check_writable_dir(args.out_dir)
+    if args.dry_run:
+        hash_ = plan_hash(weights.model_hash(files), params)
+        rule = (f"size budget {args.target_bpw or args.target_size}, ranked by {params.score.value}" if params.is_budget
+                else f"entropy thresholds K={params.entropy_factor}, J={params.fp16_factor} at {params.granularity.value} level")
+        return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
+                        f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",
+                        f"decide by {rule}",
+                        f"write {plan_path(args.out_dir, hash_)}", f"write {script_path(args.out_dir, hash_)}"])
+    plan = create_plan(args.model, params, imatrix)
+    json_path, script = write_plan(plan, args.out_dir)
+    summary = plan.summary()
+    matrices = summary["matrices_by_precision"]
+    log("plan: " + ", ".join(f"{p}: {c['tensors']} matrices" for p, c in matrices.items())
+        + f"; blocks {summary['blocks_by_precision']}")
+    if plan.budget:
+        types = collections.Counter(t.llama_type.value for t in plan.tensors if t.is_matrix)
+        log("gguf types: " + ", ".join(f"{name} {count}" for name, count in sorted(types.items())))
+        log(f"budget {plan.budget['budget_bits_per_weight']:.3f} bits/weight: gguf reaches "
+            f"{plan.budget['gguf']['bits_per_weight']:.3f}, bitsandbytes {plan.budget['bitsandbytes']['bits_per_weight']:.3f}"
+            + ("" if plan.budget["bitsandbytes"]["meets_budget"] else
+               f" (its floor {plan.budget['bitsandbytes']['floor_bits_per_weight']:.3f} exceeds the budget: all nf4)"))
+    log(f"estimated bits/weight: gguf {summary['estimated_bits_per_weight']['gguf']:.2f}, "
+        f"bitsandbytes {summary['estimated_bits_per_weight']['bitsandbytes']:.2f}")
+    print(json_path)
+    print(script)

@@ -1,0 +1,43 @@
+"""The plan as a llama-quantize command: quantize_command_<hash>.sh.
+
+llama-quantize's `--tensor-type PATTERN=TYPE` is an unanchored std::regex_search, so
+`blk.1.` would also hit `blk.10.`; every pattern written here is anchored and escaped and
+matches exactly one GGUF tensor name. Overrides only apply when the base type is quantized,
+so the command uses a quantized base type and `--pure` (no built-in mix for unplanned tensors).
+llama.cpp replaces a type whose block does not divide a row (e.g. Q4_K on 576 columns) by a
+fallback; the plan picks a compatible type itself so that the file read back equals the plan.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+
+from .types import BASE_TYPE
+
+
+def anchored_pattern(gguf_name: str) -> str:
+    return "^" + re.escape(gguf_name) + "$"
+
+
+def quantize_script(plan) -> str:
+    """A bash script that turns an F16/F32 GGUF of the plan's model into the planned GGUF."""
+    overrides = [
+        f"--tensor-type {shlex.quote(anchored_pattern(t.gguf_name) + '=' + t.llama_type.lower())}"
+        for t in plan.tensors
+        if t.gguf_name and t.is_matrix
+    ]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# EWQ plan {plan.plan_hash} for {plan.model_id} (model hash {plan.model_hash}).",
+        "# Applies the per-tensor plan with llama-quantize; every pattern is anchored to one tensor.",
+        "# usage: $0 MODEL-F16.gguf OUTPUT.gguf [llama-quantize options, e.g. --imatrix FILE]",
+        "# LLAMA_QUANTIZE may name the llama-quantize binary (default: llama-quantize on PATH).",
+        "set -euo pipefail",
+        'if [ $# -lt 2 ]; then echo "usage: $0 MODEL-F16.gguf OUTPUT.gguf [llama-quantize options]" >&2; exit 2; fi',
+        'input=$1; output=$2; shift 2',
+        'exec "${LLAMA_QUANTIZE:-llama-quantize}" --pure "$@" \\',
+        *[f"  {override} \\" for override in overrides],
+        f'  "$input" "$output" {BASE_TYPE.name}',
+        "",
+    ]
+    return "\n".join(lines)

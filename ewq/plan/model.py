@@ -1,0 +1,323 @@
+"""The quantization plan's data model: its vocabulary (enums), entries, parameters and hash.
+
+A plan holds one TensorEntry per floating-point tensor of the model (its statistics, the score
+it was ranked by, and what was decided: a bitsandbytes precision and a llama.cpp type, with the
+reason) and one BlockEntry per transformer block. How entries are scored lives in
+`scores.py`, how they are decided in `threshold.py` / `budget.py`, files in `files.py`.
+Keep-rules and the parameter-weighted aggregation over tensors are written here, once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from functools import cached_property
+from typing import Callable, Hashable, Iterable
+
+from ..llamacpp.types import VECTOR_TYPE, LlamaType, parse_type
+
+SCHEMA_VERSION = 1
+
+
+class Precision(str, Enum):
+    """What bitsandbytes holds a matrix in."""
+    FP16 = "fp16"
+    INT8 = "8bit"
+    INT4 = "4bit"
+
+
+# llama.cpp type per precision, best first; the first whose block divides the row length is used.
+LLAMA_TYPES = {
+    Precision.FP16: (LlamaType.F16,),
+    Precision.INT8: (LlamaType.Q8_0,),
+    Precision.INT4: (LlamaType.Q4_K, LlamaType.Q4_0),
+}
+# bitsandbytes storage, bits per weight: int8 + one fp32 scale per row; nf4 in blocks of 64 with
+# double-quantized absmax (8-bit absmax per block + fp32 per 256 blocks).
+BNB_NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+class Score(str, Enum):
+    """What a size-budget plan ranks matrices by (see scores.py)."""
+    ENTROPY = "entropy"
+    ERROR = "error"
+    RANDOM = "random"
+
+
+class Reason(str, Enum):
+    """Why a tensor got its precision and type (the plan file's `reason`)."""
+    VECTOR = "keep:vector"
+    EMBEDDING = "keep:embedding"
+    LM_HEAD = "keep:lm_head"
+    SMALL = "keep:small"
+    TENSOR_ENTROPY = "tensor-entropy"
+    BLOCK_ENTROPY = "block-entropy"
+    BUDGET_ENTROPY = "budget:entropy"
+    BUDGET_ERROR = "budget:error"
+    BUDGET_RANDOM = "budget:random"
+
+    @classmethod
+    def budget(cls, score: Score) -> "Reason":
+        return cls(f"budget:{score.value}")
+
+
+class Granularity(str, Enum):
+    """The level the threshold rule decides at (a plan records both)."""
+    BLOCK = "block"
+    TENSOR = "tensor"
+
+
+class Rule(str, Enum):
+    """How a plan decides (see threshold.py and budget.py)."""
+    THRESHOLD = "threshold"
+    BUDGET = "budget"
+
+
+_BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "token_embd")
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    granularity: Granularity = Granularity.TENSOR
+    entropy_factor: float = 0.65
+    fp16_factor: float = 1.0
+    bins: int = 256
+    keep_embeddings: bool = True
+    keep_lm_head: bool = True
+    min_params: int = 0
+    # size-budget plans (budget.py); None/defaults = the threshold rule (threshold.py)
+    target_bpw: float | None = None
+    target_bytes: int | None = None
+    score: Score = Score.ENTROPY
+    seed: int = 0
+    imatrix_digest: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "granularity", Granularity(self.granularity))
+        object.__setattr__(self, "score", Score(self.score))
+
+    @property
+    def rule(self) -> Rule:
+        return Rule.BUDGET if self.target_bpw is not None or self.target_bytes is not None else Rule.THRESHOLD
+
+    @property
+    def is_budget(self) -> bool:
+        return self.rule is Rule.BUDGET
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "granularity": self.granularity.value, "score": self.score.value}
+
+
+# Parameters added after schema 1 plans were written: left out of the plan hash while at their
+# defaults, so that earlier plans keep their hash (and file name).
+_LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None}
+
+
+def plan_hash(model_hash: str, params: PlanParams) -> str:
+    values = {key: value for key, value in params.to_json().items()
+              if key not in _LATER_PARAMS or value != _LATER_PARAMS[key]}
+    payload = json.dumps({"model": model_hash, **values}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The threshold rule's cut points over one level's scores (threshold.py)."""
+    mean: float
+    std: float
+    fp16_at_or_above: float
+    int4_below: float
+    n: int
+
+    @classmethod
+    def from_scores(cls, scores: list[float], params: PlanParams) -> "Thresholds":
+        if not scores:
+            return cls(0.0, 0.0, float("inf"), float("-inf"), 0)
+        mean = statistics.fmean(scores)
+        std = statistics.pstdev(scores)
+        return cls(mean, std, mean + params.fp16_factor * std, mean - params.entropy_factor * std, len(scores))
+
+    def tier(self, score: float) -> Precision:
+        if score >= self.fp16_at_or_above:
+            return Precision.FP16
+        if score >= self.int4_below:
+            return Precision.INT8
+        return Precision.INT4
+
+
+@dataclass
+class TensorEntry:
+    hf_name: str
+    gguf_name: str | None
+    block: int | None
+    shape: list[int]
+    dtype: str
+    numel: int
+    entropy_bits: float
+    std: float
+    max_abs_over_std: float
+    excess_kurtosis: float
+    precision: Precision = Precision.FP16
+    llama_type: LlamaType = LlamaType.F16
+    reason: Reason | None = None  # set by the decision
+    rank_score: float | None = None  # the score a size-budget plan ranked this tensor by
+
+    def __post_init__(self):
+        self.precision = Precision(self.precision)
+        self.llama_type = parse_type(self.llama_type)
+        self.reason = None if self.reason in (None, "") else Reason(self.reason)
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2
+
+    @property
+    def ncols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def is_embedding(self) -> bool:
+        return any(key in self.hf_name for key in _EMBEDDING_NAMES)
+
+    @property
+    def is_lm_head(self) -> bool:
+        return self.hf_name.startswith("lm_head") or self.gguf_name == "output.weight"
+
+    @property
+    def is_embedding_or_head(self) -> bool:
+        return self.is_embedding or self.is_lm_head
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "precision": self.precision.value, "llama_type": self.llama_type.value,
+                "reason": self.reason.value if self.reason else ""}
+
+
+@dataclass
+class BlockEntry:
+    index: int
+    entropy_bits: float
+    numel: int
+    precision: Precision
+
+    def __post_init__(self):
+        self.precision = Precision(self.precision)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "precision": self.precision.value}
+
+
+@dataclass
+class Plan:
+    model_id: str
+    model_hash: str
+    model_type: str
+    params: PlanParams
+    tensors: list[TensorEntry]
+    blocks: list[BlockEntry]
+    thresholds: dict[str, Thresholds]
+    budget: dict | None = None  # what a size-budget plan reached (budget.decide)
+    created_unix: float = field(default_factory=time.time)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def plan_hash(self) -> str:
+        return plan_hash(self.model_hash, self.params)
+
+    def tensor(self, hf_name: str) -> TensorEntry | None:
+        return self._by_name.get(hf_name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, TensorEntry]:
+        return {t.hf_name: t for t in self.tensors}
+
+    def summary(self) -> dict:
+        counts = {p.value: {"tensors": 0, "params": 0} for p in Precision}
+        for t in self.tensors:
+            if t.is_matrix:
+                counts[t.precision.value]["tensors"] += 1
+                counts[t.precision.value]["params"] += t.numel
+        total = sum(t.numel for t in self.tensors)
+        gguf_bits = sum(t.numel * t.llama_type.bits_per_weight for t in self.tensors)
+        bnb_bits = sum(t.numel * bnb_bits_per_weight(t) for t in self.tensors)
+        return {
+            "matrices_by_precision": counts,
+            "blocks_by_precision": {p.value: sum(b.precision == p for b in self.blocks) for p in Precision},
+            "total_params": total,
+            "estimated_bits_per_weight": {"gguf": gguf_bits / max(total, 1), "bitsandbytes": bnb_bits / max(total, 1)},
+            "estimated_bytes": {"gguf": int(gguf_bits / 8), "bitsandbytes": int(bnb_bits / 8)},
+        }
+
+
+@dataclass
+class Decision:
+    """What a decision (threshold.decide, budget.decide) returns beside the entries it fills in."""
+    blocks: list[BlockEntry]
+    thresholds: dict[str, Thresholds]
+    budget: dict | None = None  # what a size-budget plan reached
+
+
+# --- rules shared by every decision ---------------------------------------------------------------
+
+def keep_reason(t: TensorEntry, params: PlanParams) -> Reason | None:
+    """The keep-rule that holds `t` out of any decision (vectors in F32, the rest in F16), or None."""
+    if not t.is_matrix:
+        return Reason.VECTOR
+    if params.keep_embeddings and t.is_embedding:
+        return Reason.EMBEDDING
+    if params.keep_lm_head and t.is_lm_head:
+        return Reason.LM_HEAD
+    if t.numel < params.min_params:
+        return Reason.SMALL
+    return None
+
+
+def keep(t: TensorEntry, reason: Reason) -> None:
+    """Apply a keep-rule: vectors stay in llama.cpp's F32, kept matrices in F16."""
+    t.precision, t.reason = Precision.FP16, reason
+    t.llama_type = VECTOR_TYPE if reason is Reason.VECTOR else LlamaType.F16
+
+
+def llama_type_for(precision: Precision, t: TensorEntry) -> LlamaType:
+    if not t.is_matrix:
+        return VECTOR_TYPE
+    for llama_type in LLAMA_TYPES[precision]:
+        if llama_type.fits_rows(t.ncols):
+            return llama_type
+    return LlamaType.F16  # no block size divides the row: llama.cpp would fall back to F16 too
+
+
+def block_index(hf_name: str) -> int | None:
+    match = _BLOCK_INDEX.search(hf_name)
+    return int(match.group(1)) if match else None
+
+
+def numel_by(entries: Iterable[TensorEntry], key: Callable[[TensorEntry], Hashable]) -> dict:
+    """Parameters per key(entry), in first-seen order: e.g. per block, or per precision."""
+    out: dict = {}
+    for t in entries:
+        out[key(t)] = out.get(key(t), 0) + t.numel
+    return out
+
+
+def param_weighted_mean(entries: list[TensorEntry], value: Callable[[TensorEntry], float]) -> float:
+    """Σ value·numel / Σ numel: a block's or a unit's score from its tensors'. A plain sum in the
+    entries' order, so that plan files keep their bytes."""
+    return sum(value(t) * t.numel for t in entries) / sum(t.numel for t in entries)
+
+
+def bnb_bits_per_weight(t: TensorEntry) -> float:
+    return bnb_bits(t.precision, t.ncols) if t.is_matrix else 16.0
+
+
+def bnb_bits(precision: Precision, ncols: int) -> float:
+    """bitsandbytes storage of a matrix with rows of `ncols` values, per weight."""
+    if precision is Precision.FP16:
+        return 16.0
+    if precision is Precision.INT8:
+        return 8.0 + 32.0 / ncols
+    return BNB_NF4_BITS
