@@ -1,6 +1,6 @@
 """benchmark_gguf_{q4,q8,ewq}.py: build (or take) a GGUF file, prove it, measure it through llama.cpp.
 
-    python -m ewq.commands.bench_gguf {Q4_K_M,Q8_0,EWQ,F16} [options]
+    python -m ewq.commands.bench_gguf {Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K,Q8_0,EWQ,F16} [options]
 
 Files are cached in --gguf-dir (default quantized_models/) under names that carry the model
 hash, the type (and plan hash) and whether the importance matrix was used, so a second run
@@ -30,15 +30,14 @@ from ..llamacpp import files as gguf_files
 from ..plan.files import plan_for_model, script_path
 from ..plan.model import Plan
 from ..results.io import check_writable_dir, write_text_atomic
-from ..results.record import Variant
+from ..results.record import LLAMA_CPP_PRESETS, Variant
 from .bench_hf import prepare_run
 from .common import PLANS_DIR, Parser, add_benchmark_args, add_plan_args, dry_run, positive_int, run_main
 
 # The GGUF variants by the name their files and the command line use; the name of a llama.cpp preset
 # is also its llama-quantize file type.
-FILE_LABEL = {Variant.GGUF_Q4_K_M: "Q4_K_M", Variant.GGUF_Q8_0: "Q8_0", Variant.GGUF_EWQ: "EWQ",
+FILE_LABEL = {**{v: v.value.removeprefix("gguf-").upper() for v in LLAMA_CPP_PRESETS}, Variant.GGUF_EWQ: "EWQ",
               Variant.GGUF_F16: "F16"}
-PRESETS = (Variant.GGUF_Q4_K_M, Variant.GGUF_Q8_0)
 IMATRIX_CONTEXT, IMATRIX_CHUNKS = 512, 100
 BENCH_PROMPT, BENCH_GEN = 512, 128
 
@@ -60,8 +59,7 @@ def parser_for(variant: Variant) -> Parser:
 def calibration_file(gguf_dir: Path) -> Path:
     path = gguf_dir / "calibration_wiki.txt"
     if not path.is_file():
-        text = "\n\n".join(f"{a.title}\n{a.lead}\n{a.body}" for a in wiki.articles_for(assets.wiki_file(), "calibration"))
-        write_text_atomic(path, text)
+        write_text_atomic(path, wiki.calibration_text(assets.wiki_file()))
     return path
 
 
@@ -94,7 +92,7 @@ def files_for(variant: Variant, args, model_hash: str) -> Files:
         return Files(f16, None, f16)
     imatrix = gguf_dir / f"{model_hash}-imatrix.gguf" if args.imatrix else None
     suffix = "-imat" if imatrix else ""
-    if variant in PRESETS:
+    if variant in LLAMA_CPP_PRESETS:
         return Files(f16, imatrix, gguf_dir / f"{model_hash}-{FILE_LABEL[variant]}{suffix}.gguf")
     plan_file, plan = plan_for_model(model_hash, args.plan, args.plans_dir)
     script = script_path(Path(plan_file).parent, plan.plan_hash)

@@ -6,6 +6,7 @@ from argparse import BooleanOptionalAction
 from pathlib import Path
 
 from .. import weights
+from ..backends import hf
 from ..console import log
 from ..errors import UserError
 from ..llamacpp.files import describe
@@ -14,7 +15,7 @@ from ..plan.build import create_plan
 from ..plan.files import plan_path, script_path, write_plan
 from ..plan.model import Granularity, PlanParams, Score, plan_hash
 from ..results.io import check_writable_dir, file_digest
-from .common import (PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
+from .common import (DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
                      positive_float, positive_int)
 
 DESCRIPTION = """Compute per-tensor / per-block weight entropy and write an EWQ quantization plan.
@@ -67,16 +68,24 @@ def parse_args(argv):
     target.add_argument("--target-bpw", type=positive_float, help="bits per weight over all tensors, as read back")
     target.add_argument("--target-size", help="tensor bytes (e.g. 98.9MiB, 104MB) or a .gguf file to match in size")
     budget.add_argument("--score", choices=[s.value for s in Score], default=Score.ENTROPY.value,
-                        help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control)")
+                        help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control); or kld: "
+                             "minimise the predicted KLD from measured sensitivities")
     budget.add_argument("--seed", type=int, default=PlanParams.seed, help="seed of --score random")
-    budget.add_argument("--imatrix", type=Path, help="llama-imatrix GGUF weighting the columns of --score error")
+    budget.add_argument("--imatrix", type=Path, help="llama-imatrix GGUF weighting the columns of --score error / kld "
+                                                     "(give the one the GGUF file will be quantized with)")
+    kld = parser.add_argument_group("--score kld: measuring sensitivity (cached in --out-dir, per model and imatrix)")
+    kld.add_argument("--calibration-windows", type=positive_int, help="calibration-text windows to measure on (2)")
+    kld.add_argument("--calibration-context", type=positive_int, help="tokens per calibration window (512)")
+    kld.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs for the measurement")
     parser.add_argument("--out-dir", type=Path, default=PLANS_DIR, help="where the plan is written")
     add_dry_run_arg(parser)
     args = parser.parse_args(argv)
     if args.target_bpw is None and args.target_size is None and args.score != Score.ENTROPY.value:
         parser.error(f"--score {args.score} ranks tensors for a size budget: give --target-bpw or --target-size")
-    if args.imatrix is not None and args.score != Score.ERROR.value:
-        parser.error("--imatrix weights the quantization error: it goes with --score error")
+    if args.imatrix is not None and args.score not in (Score.ERROR.value, Score.KLD.value):
+        parser.error("--imatrix weights the quantization error: it goes with --score error or kld")
+    if (args.calibration_windows or args.calibration_context) and args.score != Score.KLD.value:
+        parser.error("--calibration-windows / --calibration-context go with --score kld")
     return args
 
 
@@ -89,18 +98,23 @@ def main(argv=None):
                         keep_lm_head=args.keep_lm_head, min_params=args.min_params, target_bpw=args.target_bpw,
                         target_bytes=parse_size(args.target_size) if args.target_size else None, score=score,
                         seed=args.seed if score is Score.RANDOM else PlanParams.seed,
-                        imatrix_digest=file_digest(args.imatrix) if imatrix else None)
+                        imatrix_digest=file_digest(args.imatrix) if imatrix else None,
+                        calibration_windows=args.calibration_windows, calibration_context=args.calibration_context)
+    device = hf.resolve_device(args.device) if score is Score.KLD else "cpu"
     files = weights.open_model(args.model)
     check_writable_dir(args.out_dir)
     if args.dry_run:
         hash_ = plan_hash(weights.model_hash(files), params)
-        rule = (f"size budget {args.target_bpw or args.target_size}, ranked by {params.score.value}" if params.is_budget
+        rule = (f"size budget {args.target_bpw or args.target_size}, by {params.score.value}" if params.is_budget
                 else f"entropy thresholds K={params.entropy_factor}, J={params.fp16_factor} at {params.granularity.value} level")
+        if score is Score.KLD:
+            rule += (f" (sensitivity measured on {device}, {params.calibration_windows} x {params.calibration_context} "
+                     f"calibration tokens, cached in {args.out_dir})")
         return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
                         f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",
                         f"decide by {rule}",
                         f"write {plan_path(args.out_dir, hash_)}", f"write {script_path(args.out_dir, hash_)}"])
-    plan = create_plan(args.model, params, imatrix)
+    plan = create_plan(args.model, params, imatrix, cache_dir=args.out_dir, device=device)
     json_path, script = write_plan(plan, args.out_dir)
     summary = plan.summary()
     matrices = summary["matrices_by_precision"]
@@ -109,6 +123,10 @@ def main(argv=None):
     if plan.budget:
         types = collections.Counter(t.llama_type.value for t in plan.tensors if t.is_matrix)
         log("gguf types: " + ", ".join(f"{name} {count}" for name, count in sorted(types.items())))
+        if "predicted_kld" in plan.budget["gguf"]:
+            log(f"predicted KLD (sum over tensors): gguf {plan.budget['gguf']['predicted_kld']:.3g}"
+                + (f", bitsandbytes {plan.budget['bitsandbytes']['predicted_kld']:.3g}"
+                   if "predicted_kld" in plan.budget["bitsandbytes"] else ""))
         log(f"budget {plan.budget['budget_bits_per_weight']:.3f} bits/weight: gguf reaches "
             f"{plan.budget['gguf']['bits_per_weight']:.3f}, bitsandbytes {plan.budget['bitsandbytes']['bits_per_weight']:.3f}"
             + ("" if plan.budget["bitsandbytes"]["meets_budget"] else

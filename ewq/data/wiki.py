@@ -119,3 +119,9 @@ def eval_text(path: Path) -> str:
     """The perplexity text: every "eval" article, title line then text, blank line between."""
     parts = [f"{a.title}\n{a.lead}\n{a.body}".strip() for a in articles_for(path, "eval")]
     return "\n\n".join(parts)
+
+
+def calibration_text(path: Path) -> str:
+    """The calibration text (importance matrix, sensitivity measurement): every "calibration"
+    article, disjoint from the evaluation and summarization text by role."""
+    return "\n\n".join(f"{a.title}\n{a.lead}\n{a.body}" for a in articles_for(path, "calibration"))

@@ -59,6 +59,8 @@ def verify_plan(plan, path: Path) -> dict:
     mismatches, missing = [], []
     for entry in plan.tensors:
         if not entry.gguf_name:
+            if entry.is_matrix:
+                missing.append(f"{entry.hf_name} (no GGUF name)")
             continue
         if entry.gguf_name not in in_file:
             missing.append(entry.gguf_name)

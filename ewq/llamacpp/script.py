@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from ..errors import UserError
 from .types import BASE_TYPE
 
 
@@ -20,7 +21,13 @@ def anchored_pattern(gguf_name: str) -> str:
 
 
 def quantize_script(plan) -> str:
-    """A bash script that turns an F16/F32 GGUF of the plan's model into the planned GGUF."""
+    """A bash script that turns an F16/F32 GGUF of the plan's model into the planned GGUF; every
+    planned matrix gets its override (a matrix without a GGUF name is a UserError, not a script
+    that would leave it on the base type)."""
+    unnamed = [t.hf_name for t in plan.tensors if t.is_matrix and not t.gguf_name]
+    if unnamed:
+        raise UserError(f"plan {plan.plan_hash} has {len(unnamed)} matrices without a GGUF name (e.g. {unnamed[0]}): "
+                        "no llama-quantize override can reach them")
     overrides = [
         f"--tensor-type {shlex.quote(anchored_pattern(t.gguf_name) + '=' + t.llama_type.lower())}"
         for t in plan.tensors

@@ -1,12 +1,15 @@
 """Building a plan from a model directory, in four steps: read, score, decide, (the caller) write.
 
+    name    every tensor's GGUF name, from llama.cpp's converter (llamacpp.names); a plan whose
+            matrices cannot all be named is refused: its quantize script would not reach them
     read    every floating-point tensor once, memory-mapped, one at a time (weights.iter_tensors):
             its statistics and entropy (entropy.py); a scorer measures what it needs meanwhile
-    score   one score per matrix that no keep-rule holds (scores.py)
+    score   every matrix that no keep-rule holds (scores.py)
     decide  the threshold rule or the size-budget allocation (threshold.py / budget.py)
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,26 +17,42 @@ import torch
 from .. import weights
 from ..console import log, progress
 from ..errors import UserError
-from ..llamacpp.names import GGUFNamer
+from ..llamacpp.names import gguf_names
 from ..llamacpp.quantizers import ImportanceMatrix
 from . import budget, threshold
 from .entropy import tensor_stats
-from .model import Decision, Plan, PlanParams, Rule, TensorEntry, block_index, keep_reason
-from .scores import scorer_for
+from . import measure
+from .measure import CalibrationSpec
+from .model import Decision, Plan, PlanParams, Rule, Score, TensorEntry, block_index, keep_reason
+from .scores import Calibration, Scores, scorer_for
 
-DECISIONS: dict[Rule, Callable[[list[TensorEntry], PlanParams, dict[str, float]], Decision]] = {
+DECISIONS: dict[Rule, Callable[[list[TensorEntry], PlanParams, Scores], Decision]] = {
     Rule.THRESHOLD: threshold.decide,
     Rule.BUDGET: budget.decide,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
+def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo]) -> dict[str, str | None]:
+    """hf name -> GGUF name of every tensor; a UserError if a matrix has none."""
+    arch, names = gguf_names(files.config, [info.name for info in infos])
+    classes = files.config.get("architectures")
+    if arch is None:
+        raise UserError(f"llama.cpp's converter does not know {classes} (model {files.root}): no GGUF file, "
+                        "so no plan for one")
+    unnamed = [info.name for info in infos if len(info.shape) == 2 and names.get(info.name) is None]
+    if unnamed:
+        raise UserError(f"{len(unnamed)} matrices of {files.root} ({arch}) have no GGUF name of their own, e.g. "
+                        f"{unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot follow yet")
+    return names
+
+
 def read_entries(files: weights.ModelFiles, bins: int,
                  on_tensor: Callable[[TensorEntry, torch.Tensor], None] | None = None) -> list[TensorEntry]:
     """One TensorEntry per floating-point tensor, with entropy and statistics; `on_tensor` sees
     each entry with its values while they are in memory (the only read of the weights)."""
-    namer = GGUFNamer(files.config)
     infos = [t for t in weights.list_tensors(files) if t.dtype in FLOAT_DTYPES]
+    names = name_tensors(files, infos)
     entries = []
     for info, tensor in progress(weights.iter_tensors(infos), total=len(infos), desc="entropy", unit="tensor"):
         try:
@@ -42,7 +61,7 @@ def read_entries(files: weights.ModelFiles, bins: int,
             raise UserError(f"tensor {info.name} of {files.root}: {error}") from None
         entries.append(TensorEntry(
             hf_name=info.name,
-            gguf_name=namer(info.name),
+            gguf_name=names.get(info.name),
             block=block_index(info.name),
             shape=list(info.shape),
             dtype=info.dtype,
@@ -59,13 +78,26 @@ def read_entries(files: weights.ModelFiles, bins: int,
     return entries
 
 
-def create_plan(model: str, params: PlanParams, imatrix: ImportanceMatrix | None = None) -> Plan:
+def create_plan(model: str, params: PlanParams, imatrix: ImportanceMatrix | None = None,
+                cache_dir: Path | None = None, device: str = "cpu") -> Plan:
+    """The plan of `model`; the kld score measures on `device` and caches in `cache_dir`."""
     files = weights.open_model(model)
     log(f"model {files.root} ({files.model_type}, {files.num_layers} blocks, {len(files.weight_files)} file(s))")
     model_hash = weights.model_hash(files)
-    scorer = scorer_for(params, imatrix)
+    calibration = None
+    if params.score is Score.KLD:
+        calibration = Calibration(files.root, model_hash, Path(cache_dir or "."), device,
+                                  CalibrationSpec(params.calibration_windows, params.calibration_context))
+    scorer = scorer_for(params, imatrix, calibration)
     tensors = read_entries(files, params.bins, scorer.observe)
     scores = scorer.scores([t for t in tensors if keep_reason(t, params) is None])
     decision = DECISIONS[params.rule](tensors, params, scores)
+    if params.score is Score.KLD:
+        gguf = decision.budget["gguf"]
+        ranked = [t for t in tensors if t.rank_score is not None]
+        gguf["measured_kld_calibration"] = measure.whole_plan_kld(files.root, ranked, imatrix, calibration.spec,
+                                                                  calibration.device)
+        log(f"additivity on the calibration windows: predicted KLD {gguf['predicted_kld']:.3g} (sum over tensors), "
+            f"measured {gguf['measured_kld_calibration']:.3g} (all tensors at once)")
     return Plan(model_id=model, model_hash=model_hash, model_type=files.model_type, params=params,
                 tensors=tensors, blocks=decision.blocks, thresholds=decision.thresholds, budget=decision.budget)

@@ -41,7 +41,7 @@ def to_json(plan: Plan) -> dict:
         "params": plan.params.to_json(),
         "decision_rule": {
             "rule": plan.params.rule.value,
-            "budget": budget.RULE_TEXT if plan.params.is_budget else None,
+            "budget": budget.rule_text(plan.params) if plan.params.is_budget else None,
             **threshold.RULE_TEXT,
             "thresholds": {level: dataclasses.asdict(th) for level, th in plan.thresholds.items()},
         },

@@ -46,6 +46,7 @@ class Score(str, Enum):
     ENTROPY = "entropy"
     ERROR = "error"
     RANDOM = "random"
+    KLD = "kld"  # predicted ΔKLD per type from measured sensitivity (measure.py): a Lagrangian allocation
 
 
 class Reason(str, Enum):
@@ -59,6 +60,7 @@ class Reason(str, Enum):
     BUDGET_ENTROPY = "budget:entropy"
     BUDGET_ERROR = "budget:error"
     BUDGET_RANDOM = "budget:random"
+    BUDGET_KLD = "budget:kld"
 
     @classmethod
     def budget(cls, score: Score) -> "Reason":
@@ -96,10 +98,16 @@ class PlanParams:
     score: Score = Score.ENTROPY
     seed: int = 0
     imatrix_digest: str | None = None
+    # --score kld: the calibration windows its sensitivities are measured on (measure.CalibrationSpec)
+    calibration_windows: int | None = None
+    calibration_context: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
         object.__setattr__(self, "score", Score(self.score))
+        if self.score is Score.KLD:  # 2 windows of 512 tokens unless given
+            object.__setattr__(self, "calibration_windows", self.calibration_windows or 2)
+            object.__setattr__(self, "calibration_context", self.calibration_context or 512)
 
     @property
     def rule(self) -> Rule:
@@ -110,12 +118,16 @@ class PlanParams:
         return self.rule is Rule.BUDGET
 
     def to_json(self) -> dict:
-        return {**asdict(self), "granularity": self.granularity.value, "score": self.score.value}
+        """The plan file's `params`; the kld-only fields only where set, so that other plans keep their bytes."""
+        out = {**asdict(self), "granularity": self.granularity.value, "score": self.score.value}
+        return {key: value for key, value in out.items() if key not in _KLD_ONLY or value is not None}
 
 
+_KLD_ONLY = ("calibration_windows", "calibration_context")
 # Parameters added after schema 1 plans were written: left out of the plan hash while at their
 # defaults, so that earlier plans keep their hash (and file name).
-_LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None}
+_LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None,
+                 "calibration_windows": None, "calibration_context": None}
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:

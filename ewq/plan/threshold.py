@@ -11,8 +11,13 @@ Keep-rules (model.keep_reason) come first. Every plan records both levels' thres
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .model import (BlockEntry, Decision, Granularity, PlanParams, Reason, TensorEntry, Thresholds, keep, keep_reason,
                     llama_type_for, param_weighted_mean)
+
+if TYPE_CHECKING:
+    from .scores import Scores
 
 RULE_TEXT = {
     "fp16": "score >= mean + fp16_factor*std",
@@ -21,11 +26,10 @@ RULE_TEXT = {
 }
 
 
-def decide(tensors: list[TensorEntry], params: PlanParams, scores: dict[str, float] | None = None) -> Decision:
-    """Fill precision, llama_type and reason of every tensor from `scores` (hf_name -> score of
-    every tensor no keep-rule holds; default: its entropy); return the blocks and both levels'
-    thresholds."""
-    scores = scores if scores is not None else {t.hf_name: t.entropy_bits for t in tensors}
+def decide(tensors: list[TensorEntry], params: PlanParams, scores: Scores | None = None) -> Decision:
+    """Fill precision, llama_type and reason of every tensor from the rank scores (of every tensor
+    no keep-rule holds; default: its entropy); return the blocks and both levels' thresholds."""
+    scores = scores.rank if scores is not None else {t.hf_name: t.entropy_bits for t in tensors}
     kept = {t.hf_name: keep_reason(t, params) for t in tensors}
     scored = [t for t in tensors if kept[t.hf_name] is None]
     by_block: dict[int, list[TensorEntry]] = {}

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..metrics.stats import Estimate, paired_difference
 from ..plan.files import find_plan, load_plan
 from ..results.io import ensure_writable_dir, write_text_atomic
-from ..results.record import Result, Variant
+from ..results.record import LLAMA_CPP_PRESETS, Result, Variant
 from ..sensitivity import PREDICTORS, STUDY_KIND, tensor_kind
 from . import plots
 
@@ -210,12 +210,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 SAME_SIZE = 1e-3  # sizes within 0.1% count as equal on the Pareto front (budget plans land a few KB under)
 
 
+def series(r: Result) -> str:
+    """The line a result belongs to in the size-vs-KLD figure: llama.cpp's presets, or a plan's score."""
+    if r.variant in {v.value for v in LLAMA_CPP_PRESETS}:
+        return "llama.cpp presets"
+    how = plan_score(r)
+    return r.label if how == "–" else how.split(" (seed")[0]  # random plans of every seed on one line
+
+
 def pareto_points(rows: list[Result]) -> list[dict]:
     points = []
     for r in rows:
         if r.kld is not None:
             how = plan_score(r)
-            points.append({"label": r.label + ("" if how == "–" else f" ({how})"),
+            points.append({"label": r.label + ("" if how == "–" else f" ({how})"), "series": series(r),
                            "bpw": r.bits_per_weight, "kld": r.kld.mean, "kld_se": r.kld.se or 0})
     for p in points:
         p["pareto"] = not any(q is not p and q["bpw"] <= p["bpw"] * (1 + SAME_SIZE) and q["kld"] < p["kld"]

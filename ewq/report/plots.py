@@ -43,16 +43,20 @@ def entropy_heatmap(block_kind_entropy: dict[int, dict[str, float]], block_score
 
 
 def size_vs_kld(points: list[dict], target: Path) -> Path:
-    """points: {label, bpw, kld, kld_se, pareto}; KLD on a log axis, Pareto front joined."""
+    """points: {label, series, bpw, kld, kld_se, pareto}; one line per series (llama.cpp's presets, each
+    plan score), KLD on a log axis; Pareto-optimal points filled, the others hollow."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colours = plt.get_cmap("tab20").colors
-    for i, p in enumerate(sorted(points, key=lambda p: (p["bpw"], p["kld"]))):
-        ax.errorbar(p["bpw"], p["kld"], yerr=p["kld_se"], fmt="o" if p["pareto"] else "s", ms=6 if p["pareto"] else 4,
-                    color=colours[i % len(colours)], capsize=3, label=p["label"] + (" *" if p["pareto"] else ""))
-    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["bpw"])
-    if len(front) > 1:
-        ax.plot([p["bpw"] for p in front], [p["kld"] for p in front], color="k", lw=0.8, alpha=0.5)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="* Pareto-optimal", title_fontsize=7)
+    colours = plt.get_cmap("tab10").colors
+    names = sorted({p["series"] for p in points}, key=lambda s: (s != "llama.cpp presets", s))
+    for colour, name in zip(colours * (len(names) // len(colours) + 1), names):
+        line = sorted((p for p in points if p["series"] == name), key=lambda p: p["bpw"])
+        ax.plot([p["bpw"] for p in line], [p["kld"] for p in line], color=colour, lw=1.0, alpha=0.7,
+                marker=None, label=f"{name} ({len(line)})")
+        for p in line:
+            ax.errorbar(p["bpw"], p["kld"], yerr=p["kld_se"], fmt="o", ms=5, capsize=3, color=colour,
+                        markerfacecolor=colour if p["pareto"] else "white")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="filled: Pareto-optimal",
+              title_fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (read back from the weights)")
     ax.set_ylabel("KLD vs original (nats/token, ± SE)")

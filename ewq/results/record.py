@@ -27,8 +27,16 @@ class Variant(str, Enum):
     EWQ_BNB = "ewq-bnb"
     GGUF_F16 = "gguf-f16"
     GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q6_K = "gguf-q6_k"
+    GGUF_Q5_K_M = "gguf-q5_k_m"
     GGUF_Q4_K_M = "gguf-q4_k_m"
+    GGUF_Q4_K_S = "gguf-q4_k_s"
+    GGUF_Q3_K_M = "gguf-q3_k_m"
     GGUF_EWQ = "gguf-ewq"
+
+
+LLAMA_CPP_PRESETS = (Variant.GGUF_Q3_K_M, Variant.GGUF_Q4_K_S, Variant.GGUF_Q4_K_M, Variant.GGUF_Q5_K_M,
+                     Variant.GGUF_Q6_K, Variant.GGUF_Q8_0)  # llama.cpp's own mixes, by llama-quantize file type
 
 
 class Stage(str, Enum):
