@@ -146,3 +146,34 @@ def test_kld_scores_need_a_budget_and_the_calibration_flags_need_kld(tmp_path):
                  "1", "--out-dir", tmp_path / "p", check=False)
     assert_usage_error(result, "go with --score kld")
     assert not (tmp_path / "p").exists()
+
+
+def test_replayed_layers_give_the_full_forward_kld_and_the_model_is_left_as_it_was():
+    from ewq.llamacpp.types import LlamaType
+    from ewq.plan import measure
+
+    model = tiny_llama(num_layers=4)
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.2.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+    entries = [plan_entry(model, name) for name in names]
+    before = {name: model.get_parameter(name).clone() for name in names}
+    replayed = measure.measure(model, entries, {name: LlamaType.Q4_0 for name in names}, tokens, None, {})
+    with torch.inference_mode():
+        reference = [measure._log_probs(model, window) for window in tokens]
+    for entry in entries:  # the same perturbation, every layer run
+        saved = measure.swap_in_round_trip(model, entry, LlamaType.Q4_0, None)
+        with torch.inference_mode():
+            full = sum(measure._kld(r, measure._log_probs(model, w)) for r, w in zip(reference, tokens)) / len(tokens)
+        model.get_parameter(entry.hf_name).data.copy_(saved)
+        assert replayed[entry.hf_name] == pytest.approx(full, rel=1e-6) and full > 0
+    assert all(torch.equal(before[name], model.get_parameter(name)) for name in names)
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
+
+
+def plan_entry(model, name):
+    from ewq.plan import TensorEntry
+    from ewq.plan.model import block_index
+
+    param = model.get_parameter(name)
+    return TensorEntry(hf_name=name, gguf_name=None, block=block_index(name), shape=list(param.shape), dtype="F32",
+                       numel=param.numel(), entropy_bits=0.0, std=1.0, max_abs_over_std=1.0, excess_kurtosis=0.0)

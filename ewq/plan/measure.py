@@ -110,6 +110,17 @@ class Replay:
                 del self.layers[index].forward
 
 
+def swap_in_round_trip(model: torch.nn.Module, entry: TensorEntry, llama_type: LlamaType,
+                       imatrix: ImportanceMatrix | None) -> torch.Tensor:
+    """Replace the tensor's values in the model by their llama.cpp round trip; return the original values."""
+    param = model.get_parameter(entry.hf_name)
+    saved = param.data.clone()
+    importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
+    approx = round_trip(saved.float().cpu().numpy(), llama_type, importance)
+    param.data.copy_(torch.from_numpy(np.ascontiguousarray(approx)).to(param.dtype))
+    return saved
+
+
 def _log_probs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), dim=-1)
 
@@ -134,11 +145,7 @@ def measure(model: torch.nn.Module, entries: list[TensorEntry], reference_types:
     kld = dict(done)
     todo = [e for e in entries if e.hf_name not in kld]
     for entry in progress(todo, desc="sensitivity", unit="tensor"):
-        param = model.get_parameter(entry.hf_name)
-        saved = param.data.clone()
-        importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
-        approx = round_trip(saved.float().cpu().numpy(), reference_types[entry.hf_name], importance)
-        param.data.copy_(torch.from_numpy(np.ascontiguousarray(approx)).to(param.dtype))
+        saved = swap_in_round_trip(model, entry, reference_types[entry.hf_name], imatrix)
         try:
             first = replay.first_block(entry)
             per_window = []
@@ -146,7 +153,7 @@ def measure(model: torch.nn.Module, entries: list[TensorEntry], reference_types:
                 with replay.skipping(window, first):
                     per_window.append(_kld(reference, _log_probs(model, tokens[window])))
         finally:
-            param.data.copy_(saved)
+            model.get_parameter(entry.hf_name).data.copy_(saved)
         kld[entry.hf_name] = sum(per_window) / len(per_window)
         if on_tensor is not None:
             on_tensor(kld)
@@ -196,10 +203,7 @@ def whole_plan_kld(model_dir: Path, entries: list[TensorEntry], imatrix: Importa
     tokens = tokens.to(next(model.parameters()).device)
     references = [_log_probs(model, window) for window in tokens]
     for entry in entries:
-        param = model.get_parameter(entry.hf_name)
-        importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
-        approx = round_trip(param.data.float().cpu().numpy(), entry.llama_type, importance)
-        param.data.copy_(torch.from_numpy(np.ascontiguousarray(approx)).to(param.dtype))
+        swap_in_round_trip(model, entry, entry.llama_type, imatrix)
     return sum(_kld(reference, _log_probs(model, window)) for reference, window in zip(references, tokens)) / len(tokens)
 
 
