@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import UserError
+from .results.io import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -75,10 +76,7 @@ def open_model(model: str) -> ModelFiles:
     config_path = root / "config.json"
     if not config_path.is_file():
         raise UserError(f"{root} has no config.json: not a Hugging Face model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{config_path} is not valid JSON: {error}") from None
+    config = read_json(config_path)
     architectures = config.get("architectures") or []
     if not any(name.endswith("ForCausalLM") for name in architectures):
         raise UserError(f"{root} is not a causal LM (architectures: {architectures or 'none'})")

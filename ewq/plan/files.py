@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..llamacpp.script import quantize_script
-from ..results.io import ensure_writable_dir, write_json_atomic, write_text_atomic
+from ..results.io import ensure_writable_dir, read_json, write_json_atomic, write_text_atomic
 from . import budget, threshold
 from .entropy import ENTROPY_FORMULA
 from .model import SCHEMA_VERSION, BlockEntry, Plan, PlanParams, TensorEntry, Thresholds
@@ -95,11 +95,7 @@ def load_plan(path: Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"plan not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"plan {path} is not valid JSON: {error}") from None
-    return from_json(data, str(path))
+    return from_json(read_json(path, "plan "), str(path))
 
 
 def find_plan(plans_dir: Path, model_hash: str) -> Path:

@@ -110,6 +110,14 @@ def write_json_atomic(target: Path, data: dict) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
+def read_json(path: Path, what: str = ""):
+    """A JSON file's content; one UserError naming the file (`what` before its path) if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{what}{path} is not valid JSON: {error}") from None
+
+
 def file_digest(path: Path) -> str:
     """16 hex digits of the SHA-256 of a file's bytes (an importance matrix's identity in a plan)."""
     digest = hashlib.sha256()
