@@ -2,12 +2,14 @@
 # After run_main.sh (it needs the original's result and the importance matrix), with the same extra
 # arguments as that run (e.g. --quick), which go to every benchmark so that all share its settings:
 #  1. llama.cpp's Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M and Q6_K files, built with the one importance matrix
-#     and measured for perplexity and KLD (MMLU and generation skipped);
-#  2. at each of their tensor sizes, size-budget plans by kld (measured sensitivity; one calibration,
-#     cached, serves every size), error (importance-weighted), entropy and random (seed 0; seeds 1, 2
-#     at Q4_K_M's size too), each built as a GGUF with the same importance matrix and measured alike;
-#  3. the sensitivity study: KLD when only one block / one tensor kind is 4-bit, vs its statistics;
-#  4. the report: the equal-size table against Q4_K_M and the size-vs-KLD figure, one line per score.
+#     and measured for perplexity and KLD (MMLU and generation skipped), and at each of their tensor
+#     sizes the kld plan (measured sensitivity; one calibration, cached, serves every size);
+#  2. at the same sizes, plans by error (importance-weighted) and entropy;
+#  3. random plans (seed 0; seeds 1, 2 at Q4_K_M's size too): the control;
+#  4. the sensitivity study: KLD when only one block / one tensor kind is 4-bit, vs its statistics;
+#  5. the report: the equal-size tables and the size-vs-KLD figure, one line per score.
+# The most telling comparison comes first, so that a run cut short still has it. A result already
+# in benchmark_results/ for these settings is not measured again; an interrupted benchmark resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -15,18 +17,36 @@ HASH=$($PY -c "from ewq import assets, weights; print(weights.model_hash(weights
 IMATRIX=quantized_models/$HASH-imatrix.gguf
 [ -f "$IMATRIX" ] || { echo "error: $IMATRIX is missing; run scripts/run_main.sh first" >&2; exit 2; }
 SKIP=(--skip mmlu --skip generation)
-for preset in Q3_K_M Q4_K_S Q4_K_M Q5_K_M Q6_K; do
-  $PY -m ewq.commands.bench_gguf "$preset" "${SKIP[@]}" "$@"
-  BUDGET=(--target-size "quantized_models/$HASH-$preset-imat.gguf" --no-keep-embeddings --no-keep-lm-head)
-  plans=("$($PY create_quantization_plan.py "${BUDGET[@]}" --score kld --imatrix "$IMATRIX" | sed -n 1p)")
-  plans+=("$($PY create_quantization_plan.py "${BUDGET[@]}" --score error --imatrix "$IMATRIX" | sed -n 1p)")
-  plans+=("$($PY create_quantization_plan.py "${BUDGET[@]}" --score entropy | sed -n 1p)")
+EXTRA=("$@")
+PRESETS=(Q3_K_M Q4_K_S Q4_K_M Q5_K_M Q6_K)
+# The settings digest names every result file of this run (benchmark_results/<variant>_<hash>_<digest>.json).
+DIGEST=$($PY -m ewq.commands.bench_gguf Q4_K_M "${SKIP[@]}" --dry-run "$@" 2>/dev/null \
+         | sed -n "s/^.*settings \([0-9a-f]*\):.*$/\1/p")
+[ -n "$DIGEST" ] || { echo "error: could not read the settings digest; see --dry-run of bench_gguf" >&2; exit 2; }
+
+measure_plan() {  # measure_plan <preset> <score args...>: plan at the preset's tensor size, then its GGUF
+  local preset=$1 plan plan_hash; shift
+  plan=$($PY create_quantization_plan.py --target-size "quantized_models/$HASH-$preset-imat.gguf" \
+         --no-keep-embeddings --no-keep-lm-head "$@" | sed -n 1p)
+  plan_hash=$(basename "$plan" .json | sed 's/^quant_plan_//')
+  [ -f "benchmark_results/gguf-ewq-${plan_hash}_${HASH}_${DIGEST}.json" ] ||
+    $PY benchmark_gguf_ewq.py --plan "$plan" "${SKIP[@]}" --resume "${EXTRA[@]}"
+}
+
+for preset in "${PRESETS[@]}"; do
+  lower=$(echo "$preset" | tr 'A-Z' 'a-z')
+  [ -f "benchmark_results/gguf-${lower}_${HASH}_${DIGEST}.json" ] ||
+    $PY -m ewq.commands.bench_gguf "$preset" "${SKIP[@]}" --resume "$@"
+  measure_plan "$preset" --score kld --imatrix "$IMATRIX"
+done
+for preset in "${PRESETS[@]}"; do
+  measure_plan "$preset" --score error --imatrix "$IMATRIX"
+  measure_plan "$preset" --score entropy
+done
+for preset in "${PRESETS[@]}"; do
   seeds=(0); [ "$preset" = Q4_K_M ] && seeds=(0 1 2)
   for seed in "${seeds[@]}"; do
-    plans+=("$($PY create_quantization_plan.py "${BUDGET[@]}" --score random --seed "$seed" | sed -n 1p)")
-  done
-  for plan in "${plans[@]}"; do
-    $PY benchmark_gguf_ewq.py --plan "$plan" "${SKIP[@]}" "$@"
+    measure_plan "$preset" --score random --seed "$seed"
   done
 done
 $PY study_sensitivity.py --imatrix "$IMATRIX"

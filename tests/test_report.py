@@ -69,6 +69,8 @@ def test_report_from_the_pipeline_results(pipeline, budget_run, tmp_path):
     assert f"gguf-ewq-{budget_run['result']['tag'][:8]}" in text and "budget, error" in text
     assert "`gguf-q8_0_other.json`: other settings: digest, ppl_windows" in text
     assert "± " in text and "Pareto-optimal" in text
+    preset_sizes = text.split("## At each llama.cpp preset's size")[1].split("##")[0]  # the plan made for Q4_K_M's bytes
+    assert "| gguf-q4_k_m | **gguf-q4_k_m** |" in preset_sizes and "|  | budget, error | " in preset_sizes
     assert "| block | 30 |" in text and "n/a (constant)" in text  # the study copied in by the test above
     for png in ("size_vs_kld.png", "mmlu_by_subject.png", "entropy_heatmap.png"):
         assert (report.parent / png).read_bytes()[:8] == PNG_MAGIC

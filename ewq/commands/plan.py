@@ -76,6 +76,9 @@ def parse_args(argv):
     kld = parser.add_argument_group("--score kld: measuring sensitivity (cached in --out-dir, per model and imatrix)")
     kld.add_argument("--calibration-windows", type=positive_int, help="calibration-text windows to measure on (2)")
     kld.add_argument("--calibration-context", type=positive_int, help="tokens per calibration window (512)")
+    kld.add_argument("--sensitivity-band", type=positive_int, metavar="N",
+                     help="measure each tensor kind over bands of N layers at once (N times fewer measurements, "
+                          "one sensitivity per band); 1 = every tensor alone (default)")
     kld.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs for the measurement")
     parser.add_argument("--out-dir", type=Path, default=PLANS_DIR, help="where the plan is written")
     add_dry_run_arg(parser)
@@ -84,8 +87,9 @@ def parse_args(argv):
         parser.error(f"--score {args.score} ranks tensors for a size budget: give --target-bpw or --target-size")
     if args.imatrix is not None and args.score not in (Score.ERROR.value, Score.KLD.value):
         parser.error("--imatrix weights the quantization error: it goes with --score error or kld")
-    if (args.calibration_windows or args.calibration_context) and args.score != Score.KLD.value:
-        parser.error("--calibration-windows / --calibration-context go with --score kld")
+    if (args.calibration_windows or args.calibration_context or args.sensitivity_band) \
+            and args.score != Score.KLD.value:
+        parser.error("--calibration-windows / --calibration-context / --sensitivity-band go with --score kld")
     return args
 
 
@@ -99,7 +103,8 @@ def main(argv=None):
                         target_bytes=parse_size(args.target_size) if args.target_size else None, score=score,
                         seed=args.seed if score is Score.RANDOM else PlanParams.seed,
                         imatrix_digest=file_digest(args.imatrix) if imatrix else None,
-                        calibration_windows=args.calibration_windows, calibration_context=args.calibration_context)
+                        calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
+                        sensitivity_band=args.sensitivity_band)
     device = hf.resolve_device(args.device) if score is Score.KLD else "cpu"
     files = weights.open_model(args.model)
     check_writable_dir(args.out_dir)
@@ -108,8 +113,9 @@ def main(argv=None):
         rule = (f"size budget {args.target_bpw or args.target_size}, by {params.score.value}" if params.is_budget
                 else f"entropy thresholds K={params.entropy_factor}, J={params.fp16_factor} at {params.granularity.value} level")
         if score is Score.KLD:
-            rule += (f" (sensitivity measured on {device}, {params.calibration_windows} x {params.calibration_context} "
-                     f"calibration tokens, cached in {args.out_dir})")
+            per = f"per band of {params.sensitivity_band} layers" if params.sensitivity_band else "per tensor"
+            rule += (f" (sensitivity measured {per} on {device}, {params.calibration_windows} x "
+                     f"{params.calibration_context} calibration tokens, cached in {args.out_dir})")
         return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
                         f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",
                         f"decide by {rule}",

@@ -10,6 +10,9 @@ The predicted ΔKLD of an option is α_t · e_t(q), α_t measured per tensor (me
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -43,8 +46,16 @@ def bnb_bytes(entry: TensorEntry, precision: Precision) -> int:
 
 
 def gguf_errors(entry: TensorEntry, values: np.ndarray, imatrix: ImportanceMatrix | None) -> dict[LlamaType, float]:
+    """e_t(q) for every option, the types quantized on as many threads as there are cores (llama.cpp's
+    quantizer runs outside the GIL)."""
     importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
-    return {t: weighted_error(values, round_trip(values, t, importance), importance) for t in gguf_options(entry)}
+    options = gguf_options(entry)
+
+    def error(llama_type: LlamaType) -> float:
+        return weighted_error(values, round_trip(values, llama_type, importance), importance)
+
+    with ThreadPoolExecutor(max_workers=min(len(options), os.cpu_count() or 1)) as pool:
+        return dict(zip(options, pool.map(error, options)))
 
 
 def bnb_round_trip(values: torch.Tensor, precision: Precision) -> torch.Tensor:

@@ -6,12 +6,15 @@ llama.cpp's own code with the importance matrix), on calibration windows of the
 calibration-role text, never the evaluation text; the mean KLD(original ‖ perturbed) over every
 token of the windows is ΔKLD_t(ref), and
     α_t = ΔKLD_t(ref) / e_t(ref),   predicted ΔKLD_t(q) = α_t · e_t(q)   for every other option q.
-Cost: one forward pass per tensor and window. The output of every decoder layer is kept from the
-unperturbed run and replayed for the layers before t's block, which only the perturbation
-after them can change, so a tensor in block b runs the layers from b on (half of them on average).
-The measurements are cached per model hash, importance matrix and calibration tokens in the
-plans directory, saved after every tensor: an interrupted run, or a second plan at another
-budget, goes on from what is there.
+Cheaper, for models too large to measure every tensor (`--sensitivity-band N`): one kind of tensor
+over a band of N consecutive layers is one group, swapped at once, and its members share
+    α_g = ΔKLD_g(ref) / Σ_{t∈g} e_t(ref)    (the additive model ΔKLD_g = Σ α_t e_t, one α per group).
+Cost: one forward pass per group (or tensor) and window. The output of every decoder layer is kept
+from the unperturbed run and replayed for the layers before the group's first block, which only
+the perturbation after them can change, so a tensor in block b runs the layers from b on (half of
+them on average). The measurements are cached per model hash, importance matrix and calibration
+tokens in the plans directory, saved after every group: an interrupted run, or a second plan at
+another budget, goes on from what is there.
 """
 from __future__ import annotations
 
@@ -110,6 +113,30 @@ class Replay:
                 del self.layers[index].forward
 
 
+@dataclass(frozen=True)
+class Group:
+    """Tensors measured together: one tensor (its hf_name), or one kind of tensor over a band of layers."""
+    name: str
+    entries: tuple[TensorEntry, ...]
+
+
+def groups_for(entries: list[TensorEntry], band: int | None) -> list[Group]:
+    """Each entry alone (band None), or per tensor kind and band of `band` layers (blocks 0..band-1, ...);
+    tensors outside the layers (embedding, head) stay alone."""
+    if band is None:
+        return [Group(e.hf_name, (e,)) for e in entries]
+    members: dict[tuple[str, int], list[TensorEntry]] = {}
+    for e in entries:
+        key = (e.hf_name, -1) if e.block is None else (e.hf_name.replace(f".{e.block}.", ".{}.", 1), e.block // band)
+        members.setdefault(key, []).append(e)
+    groups = []
+    for (kind, band_index), group in members.items():
+        blocks = [e.block for e in group]
+        name = kind if band_index < 0 else f"{kind}[{min(blocks)}-{max(blocks)}]"
+        groups.append(Group(name, tuple(group)))
+    return groups
+
+
 def swap_in_round_trip(model: torch.nn.Module, entry: TensorEntry, llama_type: LlamaType,
                        imatrix: ImportanceMatrix | None) -> torch.Tensor:
     """Replace the tensor's values in the model by their llama.cpp round trip; return the original values."""
@@ -121,49 +148,78 @@ def swap_in_round_trip(model: torch.nn.Module, entry: TensorEntry, llama_type: L
     return saved
 
 
-def _log_probs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), dim=-1)
+@dataclass(frozen=True)
+class Reference:
+    """The unperturbed model's output on one window: logits and probabilities, [tokens, vocab] float32."""
+    logits: torch.Tensor
+    probs: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> "Reference":
+        return cls(logits, torch.softmax(logits, dim=-1))
 
 
-def _kld(reference: torch.Tensor, log_probs: torch.Tensor) -> float:
-    """Mean over tokens of KL(reference ‖ perturbed), both [tokens, vocab] log-probs."""
-    return float((reference.exp() * (reference - log_probs)).sum(dim=-1).double().mean())
+def window_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[tokens, vocab] float32 logits of one window of token ids."""
+    return model(input_ids=ids[None], use_cache=False).logits[0].float()
+
+
+def mean_kld(reference: Reference, logits: torch.Tensor, rows: int = 64) -> float:
+    """Mean over tokens of KL(reference ‖ softmax(logits)), `rows` tokens at a time (they stay in cache).
+    With d = logits − reference logits and p the reference probabilities, exactly
+        KL = Σ p·(expm1(d) − d) + log1p(S) − S,   S = Σ p·expm1(d),
+    which keeps its precision when the perturbation is small (no difference of two log-softmaxes);
+    rows where expm1 overflows (a logit moved by > 88) fall back to the log-softmax form."""
+    total = 0.0
+    for start in range(0, logits.shape[0], rows):
+        p, ref, new = (x[start:start + rows] for x in (reference.probs, reference.logits, logits))
+        d = new - ref
+        e = torch.expm1(d)
+        s = (p * e).sum(dim=-1, dtype=torch.float64)
+        kl = (p * (e - d)).sum(dim=-1, dtype=torch.float64) + torch.log1p(s) - s
+        if not torch.isfinite(kl).all():
+            kl = (p * (torch.log_softmax(ref, dim=-1) - torch.log_softmax(new, dim=-1))).sum(dim=-1, dtype=torch.float64)
+        total += float(kl.sum())
+    return total / logits.shape[0]
 
 
 @torch.inference_mode()
-def measure(model: torch.nn.Module, entries: list[TensorEntry], reference_types: dict[str, LlamaType],
+def measure(model: torch.nn.Module, groups: list[Group], reference_types: dict[str, LlamaType],
             tokens: torch.Tensor, imatrix: ImportanceMatrix | None, done: dict[str, float],
-            on_tensor: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
-    """hf_name -> ΔKLD_t(reference type) for every entry; `done` holds those already measured."""
+            on_group: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+    """group name -> ΔKLD_g(reference types), every member of the group swapped at once; `done` holds
+    the groups already measured."""
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     replay = Replay(model)
     references = []
     for window in range(tokens.shape[0]):
         with replay.recording():
-            references.append(_log_probs(model, tokens[window]))
+            references.append(Reference.of(window_logits(model, tokens[window])))
     kld = dict(done)
-    todo = [e for e in entries if e.hf_name not in kld]
-    for entry in progress(todo, desc="sensitivity", unit="tensor"):
-        saved = swap_in_round_trip(model, entry, reference_types[entry.hf_name], imatrix)
+    todo = [g for g in groups if g.name not in kld]
+    unit = "tensor" if all(len(g.entries) == 1 for g in todo) else "group"
+    for group in progress(todo, desc="sensitivity", unit=unit):
+        saved = {e.hf_name: swap_in_round_trip(model, e, reference_types[e.hf_name], imatrix) for e in group.entries}
         try:
-            first = replay.first_block(entry)
+            first = min(replay.first_block(e) for e in group.entries)
             per_window = []
             for window, reference in enumerate(references):
                 with replay.skipping(window, first):
-                    per_window.append(_kld(reference, _log_probs(model, tokens[window])))
+                    per_window.append(mean_kld(reference, window_logits(model, tokens[window])))
         finally:
-            model.get_parameter(entry.hf_name).data.copy_(saved)
-        kld[entry.hf_name] = sum(per_window) / len(per_window)
-        if on_tensor is not None:
-            on_tensor(kld)
+            for name, values in saved.items():
+                model.get_parameter(name).data.copy_(values)
+        kld[group.name] = sum(per_window) / len(per_window)
+        if on_group is not None:
+            on_group(kld)
     return kld
 
 
-def measured_kld(model_dir: Path, model_hash: str, entries: list[TensorEntry],
+def measured_kld(model_dir: Path, model_hash: str, groups: list[Group],
                  reference_types: dict[str, LlamaType], imatrix: ImportanceMatrix | None,
                  imatrix_digest: str | None, spec: CalibrationSpec, cache_dir: Path, device: str) -> dict[str, float]:
-    """ΔKLD_t(reference) for every entry, from the cache where measured, else measured (and cached)."""
+    """ΔKLD_g(reference types) for every group, from the cache where measured, else measured (and cached)."""
     from ..backends import hf
 
     tokenizer = hf.load_tokenizer(model_dir)
@@ -171,23 +227,23 @@ def measured_kld(model_dir: Path, model_hash: str, entries: list[TensorEntry],
     path = cache_path(ensure_writable_dir(cache_dir), model_hash, imatrix_digest, tokens)
     fingerprint = {"model_hash": model_hash, "imatrix": imatrix_digest, "calibration": asdict(spec)}
     cached = _read_cache(path, fingerprint)
-    done = {e.hf_name: cached[e.hf_name]["kld"] for e in entries
-            if e.hf_name in cached and cached[e.hf_name]["reference_type"] == reference_types[e.hf_name]}
-    if len(done) == len(entries):
-        log(f"sensitivity: {len(done)} tensors from {path}")
+    swapped = {g.name: {e.hf_name: reference_types[e.hf_name].value for e in g.entries} for g in groups}
+    done = {g.name: cached[g.name]["kld"] for g in groups
+            if g.name in cached and cached[g.name].get("reference_types") == swapped[g.name]}
+    if len(done) == len(groups):
+        log(f"sensitivity: {len(done)} groups/tensors from {path}")
         return done
-    log(f"sensitivity: measuring {len(entries) - len(done)} tensors ({len(done)} cached) on {spec.windows} x "
+    log(f"sensitivity: measuring {len(groups) - len(done)} groups/tensors ({len(done)} cached) on {spec.windows} x "
         f"{spec.context} calibration tokens, {device}; cache {path}")
     model = hf.load_model(model_dir, device, torch.float32 if device == "cpu" else hf.compute_dtype(device))
     started = time.time()
 
     def save(kld: dict[str, float]) -> None:
-        rows = {**cached, **{name: {"reference_type": reference_types[name].value, "kld": value}
-                             for name, value in kld.items()}}
-        write_json_atomic(path, {"fingerprint": fingerprint, "method": __doc__.strip(), "tensors": rows})
+        rows = {**cached, **{name: {"reference_types": swapped[name], "kld": value} for name, value in kld.items()}}
+        write_json_atomic(path, {"fingerprint": fingerprint, "method": __doc__.strip(), "groups": rows})
 
-    kld = measure(model, entries, reference_types, tokens, imatrix, done, on_tensor=save)
-    log(f"sensitivity: {len(entries) - len(done)} tensors measured in {time.time() - started:.0f} s")
+    kld = measure(model, groups, reference_types, tokens, imatrix, done, on_group=save)
+    log(f"sensitivity: {len(groups) - len(done)} groups/tensors measured in {time.time() - started:.0f} s")
     return kld
 
 
@@ -201,10 +257,11 @@ def whole_plan_kld(model_dir: Path, entries: list[TensorEntry], imatrix: Importa
     tokens = calibration_tokens(hf.load_tokenizer(model_dir), spec)
     model = hf.load_model(model_dir, device, torch.float32 if device == "cpu" else hf.compute_dtype(device))
     tokens = tokens.to(next(model.parameters()).device)
-    references = [_log_probs(model, window) for window in tokens]
+    references = [Reference.of(window_logits(model, window)) for window in tokens]
     for entry in entries:
         swap_in_round_trip(model, entry, entry.llama_type, imatrix)
-    return sum(_kld(reference, _log_probs(model, window)) for reference, window in zip(references, tokens)) / len(tokens)
+    return sum(mean_kld(reference, window_logits(model, window))
+               for reference, window in zip(references, tokens)) / len(tokens)
 
 
 def _read_cache(path: Path, fingerprint: dict) -> dict:
@@ -215,4 +272,4 @@ def _read_cache(path: Path, fingerprint: dict) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         log(f"sensitivity: cache {path} is unreadable; measuring again")
         return {}
-    return data.get("tensors", {}) if data.get("fingerprint") == fingerprint else {}
+    return data.get("groups", {}) if data.get("fingerprint") == fingerprint else {}

@@ -101,6 +101,8 @@ class PlanParams:
     # --score kld: the calibration windows its sensitivities are measured on (measure.CalibrationSpec)
     calibration_windows: int | None = None
     calibration_context: int | None = None
+    # --score kld: layers per measured group (tensor kind x band of layers, quantized at once); None = each tensor
+    sensitivity_band: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -108,6 +110,8 @@ class PlanParams:
         if self.score is Score.KLD:  # 2 windows of 512 tokens unless given
             object.__setattr__(self, "calibration_windows", self.calibration_windows or 2)
             object.__setattr__(self, "calibration_context", self.calibration_context or 512)
+        if self.sensitivity_band == 1:  # a band of one layer is a tensor alone
+            object.__setattr__(self, "sensitivity_band", None)
 
     @property
     def rule(self) -> Rule:
@@ -123,11 +127,11 @@ class PlanParams:
         return {key: value for key, value in out.items() if key not in _KLD_ONLY or value is not None}
 
 
-_KLD_ONLY = ("calibration_windows", "calibration_context")
+_KLD_ONLY = ("calibration_windows", "calibration_context", "sensitivity_band")
 # Parameters added after schema 1 plans were written: left out of the plan hash while at their
 # defaults, so that earlier plans keep their hash (and file name).
 _LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None,
-                 "calibration_windows": None, "calibration_context": None}
+                 "calibration_windows": None, "calibration_context": None, "sensitivity_band": None}
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:

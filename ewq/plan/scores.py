@@ -8,7 +8,8 @@ needs bits most, and, for the kld score, a predicted distortion of every option.
            with llama.cpp's own quantizer: Σⱼ aⱼ Σᵢ (wᵢⱼ−qᵢⱼ)² / Σⱼ aⱼ Σᵢ wᵢⱼ²
   random   a seeded shuffle: the control
   kld      predicted ΔKLD of every llama.cpp type and bitsandbytes precision, α_t · e_t(q), with α_t
-           measured end to end (measure.py); its rank score is the measured ΔKLD at the reference type
+           measured end to end (measure.py: per tensor, or shared by a group); its rank score is the
+           predicted ΔKLD at the reference type (for a tensor measured alone, the measured one)
 """
 from __future__ import annotations
 
@@ -107,17 +108,25 @@ class KldScorer(Scorer):
     def scores(self, ranked: list[TensorEntry]) -> Scores:
         reference = {t.hf_name: distortion.reference_type(t) for t in ranked}
         c = self.calibration
-        kld = measure.measured_kld(c.model_dir, c.model_hash, ranked, reference, self.imatrix,
+        groups = measure.groups_for(ranked, self.params.sensitivity_band)
+        kld = measure.measured_kld(c.model_dir, c.model_hash, groups, reference, self.imatrix,
                                    self.params.imatrix_digest, c.spec, c.cache_dir, c.device)
-        alpha = {}
-        for t in ranked:
-            floor_error = self.gguf_errors[t.hf_name][reference[t.hf_name]]
-            alpha[t.hf_name] = kld[t.hf_name] / floor_error if floor_error > 0 else 0.0
-        return Scores(rank=kld,
+        floor_error = {t.hf_name: self.gguf_errors[t.hf_name][reference[t.hf_name]] for t in ranked}
+        alpha = sensitivity(groups, kld, floor_error)
+        return Scores(rank={name: alpha[name] * floor_error[name] for name in floor_error},
                       gguf={name: {q: alpha[name] * e for q, e in errors.items()}
                             for name, errors in self.gguf_errors.items()},
                       bnb={name: {p: alpha[name] * e for p, e in errors.items()}
                            for name, errors in self.bnb_errors.items()})
+
+
+def sensitivity(groups: list[measure.Group], kld: dict[str, float], floor_error: dict[str, float]) -> dict[str, float]:
+    """α_t of every member: ΔKLD_g(ref) / Σ e_t(ref) over its group (a tensor alone: ΔKLD_t / e_t)."""
+    alpha = {}
+    for group in groups:
+        errors = sum(floor_error[t.hf_name] for t in group.entries)
+        alpha.update({t.hf_name: kld[group.name] / errors if errors > 0 else 0.0 for t in group.entries})
+    return alpha
 
 
 def scorer_for(params: PlanParams, imatrix: ImportanceMatrix | None = None,

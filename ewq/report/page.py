@@ -177,6 +177,31 @@ def kld_vs_baseline_rows(rows: list[Result], baseline: Result) -> list[list[str]
     return table
 
 
+def preset_size_rows(rows: list[Result]) -> list[list[str]]:
+    """At each llama.cpp preset's size, the preset and every size-budget plan made for exactly its tensor
+    bytes (`--target-size` of its file), KLD paired per window against that preset."""
+    table = []
+    for variant in LLAMA_CPP_PRESETS:
+        preset = next((r for r in rows if r.variant == variant.value and not r.tag and r.kld is not None), None)
+        if preset is None:
+            continue
+        plans = [r for r in rows if r.kld is not None and r.plan_file
+                 and (_plan_params(r.plan_file) or {}).get("target_bytes") == preset.weight_bytes]
+        for r in [preset] + sorted(plans, key=lambda r: r.kld.mean):
+            diff = None if r is preset else paired(r.per_window_kld, preset.per_window_kld)
+            table.append([
+                preset.label if r is preset else "",
+                f"**{r.label}**" if r is preset else plan_score(r),
+                f"{r.weight_bytes:,}" if r.weight_bytes else "–",
+                with_se(r.kld, 5),
+                "–" if diff is None else
+                f"{diff.mean:+.5f} ± {diff.se:.5f} ({100 * diff.mean / preset.kld.mean:+.0f}%){flag(diff.mean, diff.se)}",
+                with_se(r.same_top1, 1, 100),
+                pct_change(r.ppl.mean if r.ppl else None, preset.ppl.mean if preset.ppl else None),
+            ])
+    return table
+
+
 @lru_cache(maxsize=None)
 def _plan_params(plan_file: str) -> dict | None:
     """The params of a plan file, read once per report; None if it is gone or unreadable."""
@@ -306,6 +331,11 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
         lines += [f"## KLD at equal size: every variant against {base.label} (paired on the same windows)", "",
                   markdown_table(["variant", "weights MiB", "bpw", "plan", "KLD ± SE", f"Δ KLD vs {base.label}",
                                   "same top-1 %", "windows"], kld_vs_baseline_rows(rows, base)), ""]
+    at_preset_sizes = preset_size_rows(rows)
+    if any(row[0] == "" for row in at_preset_sizes):
+        lines += ["## At each llama.cpp preset's size: its plans against it (paired on the same windows)", "",
+                  markdown_table(["size of", "variant / plan", "tensor bytes", "KLD ± SE", "Δ KLD vs the preset",
+                                  "same top-1 %", "ppl vs the preset"], at_preset_sizes), ""]
     points = pareto_points(rows)
     if points:
         plots.size_vs_kld(points, out_dir / "size_vs_kld.png")
