@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ewq.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +28,6 @@ def _seconds(function, *args) -> tuple[float, object]:
     started = time.perf_counter()
     result = function(*args)
     return time.perf_counter() - started, result
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def _drop_from_page_cache(paths: list[Path]) -> None:
@@ -42,6 +39,7 @@ def _drop_from_page_cache(paths: list[Path]) -> None:
 
 def weights_pass(model_dir: Path) -> None:
     from ewq import weights
+    from ewq.metrics import memory
     from ewq.plan.build import name_tensors
     from ewq.plan.entropy import tensor_stats
 
@@ -70,7 +68,7 @@ def weights_pass(model_dir: Path) -> None:
           f"{stats[1]:.2f} s warm = {stats[1] / read[1]:.2f}x")
     print(f"once per plan besides: model hash {hashing:.2f} s, GGUF names from llama.cpp's converter (a child "
           f"process importing torch and transformers) {naming:.2f} s")
-    print(f"peak RSS {_peak_rss_gib():.2f} GiB")
+    print(f"peak RSS {memory.snapshot()['peak_rss_bytes'] / 2**30:.2f} GiB (measured as for every benchmark)")
 
 
 def kld_plan() -> None:
@@ -90,7 +88,8 @@ def kld_plan() -> None:
             started = time.perf_counter()
             result = subprocess.run(command + ["--out-dir", out_dir], capture_output=True, text=True)
             if result.returncode != 0:
-                sys.exit(f"error: the plan failed: {result.stderr.strip().splitlines()[-1]}")
+                lines = result.stderr.strip().splitlines()
+                raise UserError(f"the plan failed: {lines[-1] if lines else f'exit {result.returncode}'}")
             runs.append((time.perf_counter() - started, result.stderr))
     measured = re.search(r"sensitivity: (\d+) groups/tensors measured in (\d+) s", runs[0][1])
     print(f"`--score kld` plan of {model} ({' '.join(command[2:])})")
@@ -118,4 +117,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ewq.commands.common import run_main
+
+    run_main(main)

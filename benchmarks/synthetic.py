@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ewq.errors import UserError
+
 
 def llama_config(layers: int, hidden: int, intermediate: int, vocab: int = 49152) -> dict:
     heads = hidden // 64
@@ -42,6 +44,8 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(out_dir: Path, config: dict, shard_bytes: int = 1 << 30, seed: int = 0) -> Path:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} is not empty: give a new directory (nothing is overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
     generator = torch.Generator().manual_seed(seed)
@@ -80,4 +84,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ewq.commands.common import run_main
+
+    run_main(main)

@@ -178,8 +178,8 @@ def kld_vs_baseline_rows(rows: list[Result], baseline: Result) -> list[list[str]
 
 
 def preset_size_rows(rows: list[Result]) -> list[list[str]]:
-    """At each llama.cpp preset's size, the preset and every size-budget plan made for exactly its tensor
-    bytes (`--target-size` of its file), KLD paired per window against that preset."""
+    """At each llama.cpp preset's size that has plans, the preset and every size-budget plan made for
+    exactly its tensor bytes (`--target-size` of its file), KLD paired per window against that preset."""
     table = []
     for variant in LLAMA_CPP_PRESETS:
         preset = next((r for r in rows if r.variant == variant.value and not r.tag and r.kld is not None), None)
@@ -187,6 +187,8 @@ def preset_size_rows(rows: list[Result]) -> list[list[str]]:
             continue
         plans = [r for r in rows if r.kld is not None and r.plan_file
                  and (_plan_params(r.plan_file) or {}).get("target_bytes") == preset.weight_bytes]
+        if not plans:
+            continue
         for r in [preset] + sorted(plans, key=lambda r: r.kld.mean):
             diff = None if r is preset else paired(r.per_window_kld, preset.per_window_kld)
             table.append([
@@ -332,7 +334,7 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
                   markdown_table(["variant", "weights MiB", "bpw", "plan", "KLD ± SE", f"Δ KLD vs {base.label}",
                                   "same top-1 %", "windows"], kld_vs_baseline_rows(rows, base)), ""]
     at_preset_sizes = preset_size_rows(rows)
-    if any(row[0] == "" for row in at_preset_sizes):
+    if at_preset_sizes:
         lines += ["## At each llama.cpp preset's size: its plans against it (paired on the same windows)", "",
                   markdown_table(["size of", "variant / plan", "tensor bytes", "KLD ± SE", "Δ KLD vs the preset",
                                   "same top-1 %", "ppl vs the preset"], at_preset_sizes), ""]
