@@ -3,6 +3,10 @@
 Every nn.Linear whose weight the plan names becomes Linear8bitLt (int8, outlier threshold 6.0)
 or Linear4bit (nf4, double-quantized absmax), or stays dense, per its precision. Embeddings
 cannot be bitsandbytes-quantized: a plan that asks for it is recorded as not applicable.
+load_quantized() builds the model empty (parameters on the meta device) and fills it one checkpoint
+tensor at a time, quantizing each planned matrix as it arrives: the full-precision model never
+exists, so host RAM peaks near the quantized size plus the largest tensor or two (README, figures).
+The model is returned in eval mode (bitsandbytes' int8 matmul takes another path in training mode).
 The read-back inspects the modules actually in the model and fails on any mismatch (one line).
 (Named so that it does not shadow `bnb`, the usual alias of bitsandbytes itself.)
 """
@@ -11,8 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import weights
+from .console import progress
 from .errors import UserError
 from .plan.model import Plan, Precision
+from .weights import ModelFiles
 from .results.record import WeightsReport
 
 INT8_OUTLIER_THRESHOLD = 6.0
@@ -27,45 +34,122 @@ def _bnb():
     return bnb
 
 
-def _quantized_linear(linear: nn.Linear, precision: Precision, compute_dtype: torch.dtype) -> nn.Module:
+def _quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: Precision,
+                      compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes module holding `weight` [out, in] (quantized when moved to its device)."""
     bnb = _bnb()
-    has_bias = linear.bias is not None
-    weight = linear.weight.data.to(torch.float16 if compute_dtype == torch.float16 else torch.float32)
+    from accelerate import init_empty_weights
+
+    weight = weight.to(torch.float16 if compute_dtype == torch.float16 else torch.float32)
+    out_features, in_features = weight.shape
+    with init_empty_weights():  # the constructors' own dense weights stay on the meta device
+        if precision is Precision.INT8:
+            module = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None,
+                                         has_fp16_weights=False, threshold=INT8_OUTLIER_THRESHOLD)
+        else:
+            module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                                       quant_type="nf4", compress_statistics=True)
     if precision is Precision.INT8:
-        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
-                                     has_fp16_weights=False, threshold=INT8_OUTLIER_THRESHOLD)
         module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                   quant_type="nf4", compress_statistics=True)
         module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True,
                                           blocksize=NF4_BLOCKSIZE)
-    if has_bias:
-        module.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
     return module
 
 
-def apply_plan(model: nn.Module, plan: Plan, device: str, compute_dtype: torch.dtype) -> dict:
-    """Replace the planned nn.Linear modules in place, move the model to `device` (which
-    quantizes the weights), and return what could not be applied."""
-    not_applicable = []
-    linear_weights = set()
-    for module_name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+def _set_module(model: nn.Module, module_name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
+
+
+def _planned_precision(plan: Plan, weight_name: str) -> Precision | None:
+    """int8 / nf4 for a matrix the plan quantizes; None where it stays dense."""
+    entry = plan.tensor(weight_name)
+    return None if entry is None or entry.precision is Precision.FP16 else entry.precision
+
+
+def _not_applicable(plan: Plan, linear_weights: set[str]) -> list[str]:
+    return [entry.hf_name for entry in plan.tensors
+            if entry.is_matrix and entry.precision is not Precision.FP16 and entry.hf_name not in linear_weights]
+
+
+def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: torch.dtype,
+                   device_map: str | None = None) -> tuple[nn.Module, list[str]]:
+    """The model with the plan applied, built tensor by tensor from the checkpoint: (model, the
+    planned matrices that are not nn.Linear weights). Each tensor goes to `device`, or to its place
+    in accelerate's `device_map` (auto, balanced, …: several GPUs, then CPU)."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(files.root)
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
+            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot build {files.root} as a causal LM: {str(error).splitlines()[0]}") from None
+    mapping = _device_map(model, device_map, infer_auto_device_map, get_balanced_memory) if device_map else None
+
+    def placement(name: str) -> str:
+        return device if mapping is None else _place(mapping, name)
+
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    tensors = weights.list_tensors(files)
+    biases = {info.name: info for info in tensors if info.name.endswith(".bias")
+              and info.name.removesuffix(".bias") in linears}
+    for info, tensor in progress(weights.read_tensors([t for t in tensors if t.name not in biases]),
+                                 total=len(tensors) - len(biases), desc="load + quantize", unit="tensor"):
+        module_name = info.name.removesuffix(".weight")
+        target = placement(info.name)
+        precision = _planned_precision(plan, info.name) if module_name in linears else None
+        if precision is not None:
+            bias_info = biases.get(f"{module_name}.bias")
+            bias = next(weights.read_tensors([bias_info]))[1] if bias_info else None
+            _set_module(model, module_name, _quantized_linear(tensor, bias, precision, compute_dtype).to(target))
             continue
-        weight_name = f"{module_name}.weight"
-        linear_weights.add(weight_name)
-        entry = plan.tensor(weight_name)
-        if entry is None or entry.precision is Precision.FP16:
-            continue
-        parent_name, _, child_name = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, _quantized_linear(module, entry.precision, compute_dtype))
-    for entry in plan.tensors:
-        if entry.is_matrix and entry.precision is not Precision.FP16 and entry.hf_name not in linear_weights:
-            not_applicable.append(entry.hf_name)
-    model.to(device)
-    return {"not_applicable": not_applicable}
+        try:
+            value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+            set_module_tensor_to_device(model, info.name, target, value=value)
+        except (AttributeError, ValueError, KeyError) as error:
+            raise UserError(f"checkpoint tensor {info.name} has no place in {type(model).__name__} ({error})") from None
+    for name, info in biases.items():  # biases of the matrices that stayed dense
+        if model.get_parameter(name).device.type == "meta":
+            value = next(weights.read_tensors([info]))[1].to(compute_dtype)
+            set_module_tensor_to_device(model, name, placement(name), value=value)
+    for name, buffer in list(model.named_buffers()):  # rotary tables and the like, built on the host
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[leaf] = buffer.to(placement(name))
+    model.tie_weights()
+    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if missing:
+        raise UserError(f"the checkpoint of {files.root} lacks {len(missing)} parameter(s) of the model, "
+                        f"e.g. {missing[0]}")
+    if device_map:
+        dispatch_model(model, device_map=mapping)
+    return model.eval(), _not_applicable(plan, {f"{name}.weight" for name in linears})
+
+
+def _device_map(model: nn.Module, device_map: str, infer_auto_device_map, get_balanced_memory) -> dict:
+    """accelerate's module -> device map for `device_map` (auto, balanced, balanced_low_0, sequential)."""
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = None
+    if device_map.startswith("balanced"):
+        max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+
+
+def _place(mapping: dict, name: str) -> str:
+    """The device of the longest module prefix of `name` in the map (disk offload stays on the host)."""
+    parts = name.split(".")
+    for end in range(len(parts), -1, -1):
+        key = ".".join(parts[:end])
+        if key in mapping:
+            where = mapping[key]
+            return "cpu" if where == "disk" else (f"cuda:{where}" if isinstance(where, int) else str(where))
+    raise UserError(f"the device map has no place for {name}")
 
 
 def _tensor_bytes(tensor) -> int:

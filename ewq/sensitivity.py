@@ -89,7 +89,7 @@ def measure(model: torch.nn.Module, backend: Backend, tokens: list[int], spec: p
     model's reference is recomputed: it is deterministic); `on_row` gets all rows after each unit."""
     starts = perplexity.window_starts(len(tokens), spec)
     n_windows = min(spec.kld_windows, len(starts))
-    vocab = backend.logprobs(tokens[:2]).shape[-1]
+    vocab = backend.vocab_size
     reference = np.empty((n_windows * spec.stride, vocab), dtype=np.float16)
     base = perplexity.evaluate(backend, tokens, spec, record=reference)
     errors: dict[str, float] = {}

@@ -28,6 +28,8 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0   # where the tensor's bytes start in the file
+    nbytes: int = 0
 
     @property
     def numel(self) -> int:
@@ -115,12 +117,35 @@ def read_header(path: Path) -> tuple[bytes, dict]:
 def list_tensors(files: ModelFiles) -> list[TensorInfo]:
     tensors = []
     for path in files.weight_files:
-        _, header = read_header(path)
+        raw, header = read_header(path)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            tensors.append(TensorInfo(name=name, file=path, dtype=entry["dtype"], shape=tuple(entry["shape"])))
+            begin, end = entry["data_offsets"]
+            tensors.append(TensorInfo(name=name, file=path, dtype=entry["dtype"], shape=tuple(entry["shape"]),
+                                      offset=8 + len(raw) + begin, nbytes=end - begin))
     return tensors
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """Yield (info, tensor) one at a time, each read into memory of its own with plain reads: unlike
+    a memory map, nothing of the file stays resident once the tensor is dropped (a loader's RAM bound)."""
+    for info in tensors:
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise UserError(f"{info.file}: tensor {info.name} has dtype {info.dtype}, which this reader does not know")
+        buffer = bytearray(info.nbytes)
+        with open(info.file, "rb") as handle:
+            handle.seek(info.offset)
+            if handle.readinto(buffer) != info.nbytes:
+                raise UserError(f"{info.file} is truncated inside tensor {info.name}")
+        tensor = torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[info.dtype]) if info.nbytes else \
+            torch.empty(0, dtype=SAFETENSORS_DTYPES[info.dtype])
+        yield info, tensor.reshape(info.shape)
 
 
 def iter_tensors(tensors: list[TensorInfo]) -> Iterator[tuple[TensorInfo, torch.Tensor]]:

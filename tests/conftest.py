@@ -40,11 +40,16 @@ class BigramBackend(Backend):
     def __init__(self, vocab=32, seed=0, scale=3.0):
         generator = torch.Generator().manual_seed(seed)
         self.table = torch.log_softmax(scale * torch.randn(vocab, vocab, generator=generator), dim=-1)
-        self.calls = 0
 
-    def logprobs(self, tokens):
-        self.calls += 1
-        return self.table[torch.tensor(tokens)]
+    @property
+    def vocab_size(self):
+        return self.table.shape[0]
+
+    def window_logprobs(self, windows, rows):
+        return torch.stack([self.table[torch.tensor(window)][rows] for window in windows])
+
+    def next_token_logprobs(self, prompts, token_ids):
+        return torch.stack([self.table[prompt[-1]][token_ids] for prompt in prompts])
 
     def generate_greedy(self, prompt, max_new_tokens):
         tokens, token = [], prompt[-1]
@@ -66,7 +71,7 @@ GGUF_SCRIPTS = ("benchmark_gguf_q4.py", "benchmark_gguf_q8.py", "benchmark_gguf_
 
 
 def run(script, *args, check=True, env=None):
-    command = [sys.executable, *(["-m", script] if script.startswith("ewq.") else [str(ROOT / script)])]
+    command = [sys.executable, *(["-m", script] if script.startswith(("ewq.", "benchmarks.")) else [str(ROOT / script)])]
     result = subprocess.run([*command, *map(str, args)], cwd=ROOT, env=env or ENV,
                             capture_output=True, text=True, timeout=1800)
     if check and result.returncode != 0:

@@ -3,6 +3,7 @@ import torch
 
 from conftest import tiny_llama
 from ewq import bitsandbytes_plan as bnb
+from ewq import weights
 from ewq.errors import UserError
 from ewq.plan import PlanParams, Precision
 from ewq.plan.build import create_plan
@@ -21,9 +22,9 @@ def test_apply_and_read_back_follow_the_plan(model_and_plan):
 
     path, plan = model_and_plan
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    applied = bnb.apply_plan(model, plan, "cpu", torch.float32)
-    report = bnb.read_back(model, plan, applied["not_applicable"])
+    model, not_applicable = bnb.load_quantized(weights.open_model(path), plan, "cpu", torch.float32)
+    report = bnb.read_back(model, plan, not_applicable)
+    assert not model.training and not any(m.training for m in model.modules())
     precisions = {p: 0 for p in Precision}
     for t in plan.tensors:
         if t.is_matrix and "embed" not in t.hf_name:
@@ -45,15 +46,13 @@ def test_apply_and_read_back_follow_the_plan(model_and_plan):
 
 
 def test_read_back_detects_a_module_that_differs_from_the_plan(model_and_plan):
-    from transformers import AutoModelForCausalLM
 
     path, plan = model_and_plan
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    applied = bnb.apply_plan(model, plan, "cpu", torch.float32)
+    model, not_applicable = bnb.load_quantized(weights.open_model(path), plan, "cpu", torch.float32)
     victim = next(t for t in plan.tensors if t.precision is Precision.INT4)
     parent_name, _, child = victim.hf_name.removesuffix(".weight").rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)
     setattr(parent, child, torch.nn.Linear(old.in_features, old.out_features, bias=False))
     with pytest.raises(UserError, match="differ from the plan"):
-        bnb.read_back(model, plan, applied["not_applicable"])
+        bnb.read_back(model, plan, not_applicable)

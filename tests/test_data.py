@@ -58,3 +58,61 @@ def test_shipped_wikipedia_text_and_summaries():
         assert item.reference and item.reference not in text
         assert item.prompt.startswith("Summarize")
     assert not eval_titles & {a.title for a in wiki.articles_for(assets.wiki_file(), "summarization")}
+
+
+# --- hub datasets, tested offline through local tables in their schema (ewq/data/hub.py) -----------
+
+def write_table(path, rows):
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(path)) if path.suffix == ".parquet" else \
+        datasets.Dataset.from_list(rows).to_json(str(path), lines=True)
+    return path
+
+
+WIKITEXT_ROWS = [{"text": ""}, {"text": " = Valkyria Chronicles = \n"}, {"text": ""},
+                 {"text": " Senjō no Valkyria is a tactical role @-@ playing game . \n"}]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_wikitext2_schema_from_a_local_table(tmp_path, suffix):
+    from ewq.bench.inputs import load_eval_text
+
+    table = write_table(tmp_path / f"wikitext-2-raw-v1-test{suffix}", WIKITEXT_ROWS)
+    assert load_eval_text(str(table)) == "".join(row["text"] for row in WIKITEXT_ROWS)  # joined as the hub's rows
+    write_table(tmp_path / "wrong.jsonl", [{"article": "x"}])
+    with pytest.raises(UserError, match="lacks the column.* text of Salesforce/wikitext"):
+        load_eval_text(str(tmp_path / "wrong.jsonl"))
+
+
+def test_billsum_schema_from_a_local_table(tmp_path):
+    bill = " ".join(f"word{i}" for i in range(500))
+    rows = [{"text": bill, "summary": " Amends the Act. ", "title": "A bill"},
+            {"text": "Short bill text.", "summary": "Does little.", "title": "B"},
+            {"text": "Third.", "summary": "Three.", "title": "C"}]
+    table = write_table(tmp_path / "billsum-test.jsonl", rows)
+    requests = prompts.generation_requests(assets.wiki_file(), per_task=1, summaries=2, summaries_from=str(table))
+    summaries = [r for r in requests if r.task == prompts.Task.SUMMARIZATION]
+    assert len(requests) == 3 + 2 and [r.reference for r in summaries] == ["Amends the Act.", "Does little."]
+    assert summaries[0].prompt.endswith(" ".join(f"word{i}" for i in range(prompts.SOURCE_WORDS)))
+    assert "word300" not in summaries[0].prompt
+
+
+def test_hub_sets_fail_in_one_line_without_the_hub(tmp_path):
+    """The documented hub names, with the hub unreachable (offline, empty cache): exit 2, one line."""
+    import os
+
+    from conftest import ENV, assert_usage_error, run
+
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    assert_usage_error(run("benchmark_original.py", "--quick", "--dry-run", "--eval-text", "wikitext2",
+                           check=False, env=env), "cannot load Salesforce/wikitext from the hub")
+    assert_usage_error(run("benchmark_original.py", "--quick", "--dry-run", "--summaries-from", "billsum",
+                           check=False, env=env), "cannot load FiscalNote/billsum from the hub")
+    assert_usage_error(run("benchmark_original.py", "--quick", "--dry-run", "--summaries-from", "cnn",
+                           check=False, env=env), "--summaries-from takes wiki, billsum")
+    table = write_table(tmp_path / "wiki.parquet", WIKITEXT_ROWS * 400)
+    bills = write_table(tmp_path / "bills.jsonl", [{"text": "A bill about water. " * 40, "summary": "Water."}] * 5)
+    ok = run("benchmark_original.py", "--quick", "--dry-run", "--eval-text", table, "--summaries-from", bills, env=env)
+    assert "6 greedy generations" in ok.stdout  # 3 fixed prompts + the quick preset's 3 bills
+    assert sorted(os.listdir(tmp_path)) == ["bills.jsonl", "hf", "wiki.parquet"]  # a dry run writes nothing

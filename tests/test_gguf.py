@@ -63,6 +63,44 @@ def test_quantized_ggufs_order_as_expected(pipeline):
     assert 0 < kld["gguf-q8_0"] < kld["gguf-q4_k_m"]
 
 
+def test_llamacpp_logits_only_where_needed_equal_logits_for_every_position(pipeline):
+    """The backend asks llama.cpp for the scored rows only (no logits_all, no score matrix copied);
+    the rows equal those of a context that keeps logits for every position, as the bindings' eval does."""
+    import llama_cpp
+    import numpy as np
+
+    from ewq.backends.llamacpp import LlamaCppBackend
+    from ewq.results.record import WeightsReport
+
+    path = gguf_file(pipeline, "gguf-q8_0")
+    tokenizer = hf.load_tokenizer(ROOT / ".cache/models/SmolLM2-135M-Instruct")
+    tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 12, add_special_tokens=False)[:96]
+    prompts = [tokens[:n] for n in (7, 40, 96, 13)]
+    every = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, flash_attn=True,
+                            verbose=False, seed=0)
+
+    def all_rows(sequence):
+        every.reset()
+        every.eval(sequence)
+        return torch.log_softmax(torch.from_numpy(np.array(every.scores[: len(sequence)], dtype=np.float32)), -1)
+
+    ours = LlamaCppBackend(path, "cpu", "q8", 128, WeightsReport(0, 0))
+    rows = ours.window_logprobs([tokens, tokens[::-1]], slice(40, 95))
+    expected = torch.stack([all_rows(tokens)[40:95], all_rows(tokens[::-1])[40:95]])
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=1e-4)
+    letters = [330, 389, 340, 422]
+    got = ours.next_token_logprobs(prompts, letters)
+    torch.testing.assert_close(got, torch.stack([all_rows(p)[-1, letters] for p in prompts]), atol=1e-4, rtol=1e-4)
+    generated = ours.generate_greedy(prompts[1], 8).tokens
+    every.reset()
+    every.eval(prompts[1])
+    greedy = []
+    for _ in range(8):
+        greedy.append(int(np.argmax(every.scores[every.n_tokens - 1])))
+        every.eval([greedy[-1]])
+    assert generated == greedy
+
+
 def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int,
                      kld_base: Path, write_base: bool) -> dict:
     """llama.cpp's own perplexity (and KLD against a stored base) on a text file, parsed: the

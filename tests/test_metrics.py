@@ -119,10 +119,10 @@ class LetterTok(Tok):
 
 
 class PrefersC(BigramBackend):
-    def next_token_logprobs(self, tokens):
-        scores = torch.full((32,), -10.0)
-        scores[3] = -0.1  # ' C'
-        return scores
+    def next_token_logprobs(self, prompts, token_ids):
+        scores = torch.full((len(prompts), 32), -10.0)
+        scores[:, 3] = -0.1  # ' C'
+        return scores[:, token_ids]
 
 
 def test_mmlu_scores_the_letter_with_the_highest_log_probability():

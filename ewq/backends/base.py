@@ -1,7 +1,11 @@
 """The evaluation interface every engine implements; every metric is written against it.
 
 Token ids are produced once, by the Hugging Face tokenizer of the model under test, and
-handed to the backend: every engine scores exactly the same tokens.
+handed to the backend: every engine scores exactly the same tokens. Requests come in lists and
+the backend batches them (`batch_size` sequences per forward pass; with batch size "auto" it halves
+the batch on out-of-memory and goes on). What a metric keeps is computed where the model runs:
+full-vocabulary rows stay on the backend's device, and only the rows a metric needs are computed
+at all (the LM head runs at the scored positions only).
 Implementations: hf.HFBackend (transformers, optionally with bitsandbytes modules) and
 llamacpp.LlamaCppBackend (a GGUF file through the llama_cpp bindings).
 """
@@ -9,10 +13,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
+from ..console import log
+from ..errors import UserError
 from ..results.record import WeightsReport
+
+Item = TypeVar("Item")
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -29,24 +39,55 @@ class Backend(ABC):
     """One loaded model."""
 
     name: str
-    device: str
+    device: str            # where window_logprobs() leaves its rows ("cpu", "cuda", "cuda:1")
+    batch_size: int = 1    # sequences per forward pass (the current size when auto)
+    auto_batch: bool = False
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Columns of every log-probability row."""
 
     @abstractmethod
-    def logprobs(self, tokens: list[int]) -> torch.Tensor:
-        """Full-vocabulary log-softmax, float32, shape [len(tokens), vocab]: row i predicts token i+1."""
+    def window_logprobs(self, windows: list[list[int]], rows: slice) -> torch.Tensor:
+        """Log-softmax over the vocabulary at positions `rows` of each window (row i predicts
+        token i+1), float32 on `self.device`, shape [len(windows), len(rows), vocab].
+        The windows have equal length; the LM head runs at `rows` only."""
 
-    def next_token_logprobs(self, tokens: list[int]) -> torch.Tensor:
-        """Log-softmax over the vocabulary for the token after `tokens`."""
-        return self.logprobs(tokens)[-1]
+    @abstractmethod
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> torch.Tensor:
+        """For each prompt, the log-softmax over the whole vocabulary of the token after it, read at
+        `token_ids`: float32 on the host, shape [len(prompts), len(token_ids)]."""
 
     @abstractmethod
     def generate_greedy(self, prompt: list[int], max_new_tokens: int) -> Generation:
         """Exactly `max_new_tokens` greedy tokens (end-of-sequence does not stop decoding, so
-        every variant does the same work); timed on the backend's device."""
+        every variant does the same work); batch 1, timed on the backend's device."""
 
     @abstractmethod
     def weights_report(self) -> WeightsReport:
         """What is really loaded, read back: bytes of weights, bits per weight, per-engine details."""
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device}
+        return {"backend": self.name, "device": self.device, "batch_size": self.batch_size,
+                "batch_size_auto": self.auto_batch}
+
+    def in_batches(self, items: list[Item], run: Callable[[list[Item]], torch.Tensor]) -> torch.Tensor:
+        """run() over consecutive batches of `batch_size` items, concatenated along dim 0. With
+        auto batching an out-of-memory error halves the batch size and the batch is tried again."""
+        outputs, start = [], 0
+        while start < len(items):
+            size = self.batch_size
+            try:
+                outputs.append(run(items[start:start + size]))
+            except torch.OutOfMemoryError:
+                if not self.auto_batch or size == 1:
+                    raise UserError(f"out of memory at batch size {size} on {self.device}: "
+                                    "give a smaller --batch-size (or auto)") from None
+                self.batch_size = size // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log(f"[{self.name}] out of memory at batch size {size}: now {self.batch_size}")
+                continue
+            start += size
+        return torch.cat(outputs)

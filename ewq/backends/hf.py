@@ -1,13 +1,29 @@
-"""Hugging Face transformers backend (fp16/fp32, or a plan applied through bitsandbytes)."""
+"""Hugging Face transformers backend (the checkpoint's dtype on GPU, fp32 on CPU; or a plan applied
+through bitsandbytes).
+
+Batches are right-padded and sent without an attention mask: in a causal model a token's output
+depends only on the tokens before it, so every real position sees exactly what it sees alone, with
+the same position ids (0..n-1), whatever the architecture; the padded positions are never read.
+The LM head runs only at the positions a metric reads: a forward pre-hook on the output embedding
+gathers those hidden states, so whatever the model does after the head (Gemma's soft-capping,
+Cohere's logit scale) still applies.
+"""
 from __future__ import annotations
 
+import json
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..results.record import WeightsReport
 from .base import Backend, Generation
+
+PAD_ID = 0  # right padding: never attended to by a real position, so any id will do
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO_BATCH = {"cpu": 4, "cuda": 64}  # first size tried with --batch-size auto (measured on CPU: README)
 
 
 def resolve_device(requested: str) -> str:
@@ -18,19 +34,35 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def compute_dtype(device: str) -> torch.dtype:
-    """fp16 on GPU; fp32 on CPU, where fp16 matmuls are slow or missing."""
-    return torch.float16 if device == "cuda" else torch.float32
+def checkpoint_dtype(model_dir) -> torch.dtype | None:
+    """The dtype the checkpoint's config.json names (`dtype`, or `torch_dtype` before transformers 5)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return DTYPES.get(str(name).removeprefix("torch."))
 
 
-def load_model(model_dir, device: str, dtype: torch.dtype):
+def compute_dtype(device: str, requested: str = "auto", model_dir=None) -> torch.dtype:
+    """`requested` unless auto: then fp32 on CPU (fp16/bf16 matmuls are slow there), and on GPU the
+    checkpoint's own dtype (bf16 stays bf16: bf16-trained models can overflow in fp16), fp16 if it names none."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device == "cpu":
+        return torch.float32
+    return (checkpoint_dtype(model_dir) if model_dir is not None else None) or torch.float16
+
+
+def load_model(model_dir, device: str, dtype: torch.dtype, device_map: str | None = None):
+    """The model in `dtype`, on `device`, or spread by accelerate with `device_map` (auto, balanced, …)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load {model_dir} as a causal LM: {str(error).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 def load_tokenizer(model_dir):
@@ -42,26 +74,92 @@ def load_tokenizer(model_dir):
         raise UserError(f"cannot load the tokenizer of {model_dir}: {str(error).splitlines()[0]}") from None
 
 
+def input_device(model) -> str:
+    """Where input ids go: the device of the input embedding (the first one under a device map;
+    accelerate's hooks bring the outputs back to it)."""
+    return str(model.get_input_embeddings().weight.device)
+
+
 class HFBackend(Backend):
-    def __init__(self, model, device: str, name: str, weights_report: WeightsReport):
-        self.model, self.device, self.name = model, device, name
+    def __init__(self, model, device: str, name: str, weights_report: WeightsReport, batch_size: int | None = 1):
+        """batch_size None: auto (AUTO_BATCH for the device, halved on out-of-memory)."""
+        self.model, self.name = model, name
+        self.device = input_device(model) if device == "cuda" or device.startswith("cuda:") else device
+        self.auto_batch = batch_size is None
+        self.batch_size = batch_size or AUTO_BATCH["cpu" if self.device == "cpu" else "cuda"]
         self._weights_report = weights_report
+        self._lm_head = model.get_output_embeddings()
+        if self._lm_head is None:
+            raise UserError(f"{type(model).__name__} has no output embedding (LM head) to score with")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._lm_head.out_features
 
     def _sync(self) -> None:
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    @contextmanager
+    def _lm_head_at(self, positions: torch.Tensor):
+        """Within this block the LM head sees only the hidden states at `positions` [batch, k]."""
+        def gather(module, args):
+            hidden = args[0]  # [batch, length, hidden]
+            index = positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+            return (hidden.gather(1, index), *args[1:])
+
+        handle = self._lm_head.register_forward_pre_hook(gather)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, **kwargs):
+        """Model output with logits [batch, k, vocab] at `positions` [batch, k] of `ids` [batch, length]."""
+        with self._lm_head_at(positions):
+            out = self.model(input_ids=ids, **kwargs)
+        if out.logits.shape[1] != positions.shape[1]:
+            raise UserError(f"{type(self.model).__name__} does not call its LM head as a module; cannot score it")
+        return out
+
     @torch.inference_mode()
-    def logprobs(self, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=self.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+    def window_logprobs(self, windows: list[list[int]], rows: slice) -> torch.Tensor:
+        positions = torch.arange(len(windows[0]))[rows]
+
+        def run(batch: list[list[int]]) -> torch.Tensor:
+            ids = torch.tensor(batch, device=self.device)
+            logits = self._logits_at(ids, positions.expand(len(batch), -1), use_cache=False).logits
+            return torch.log_softmax(logits.float(), dim=-1).to(self.device)
+
+        return self.in_batches(windows, run)
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> torch.Tensor:
+        # longest first: prompts of similar length share a batch (little padding), and an
+        # out-of-memory error with auto batching comes at the first batch
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        columns = torch.tensor(token_ids)
+
+        def run(indices: list[int]) -> torch.Tensor:
+            batch = [prompts[i] for i in indices]
+            ids = torch.full((len(batch), len(batch[0])), PAD_ID)
+            for row, prompt in enumerate(batch):
+                ids[row, :len(prompt)] = torch.tensor(prompt)
+            last = torch.tensor([[len(prompt) - 1] for prompt in batch])
+            logits = self._logits_at(ids.to(self.device), last, use_cache=False).logits[:, 0]
+            return torch.log_softmax(logits.float(), dim=-1)[:, columns.to(logits.device)].cpu()
+
+        scores = self.in_batches(order, run)
+        out = torch.empty_like(scores)
+        out[torch.tensor(order)] = scores
+        return out
 
     @torch.inference_mode()
     def generate_greedy(self, prompt: list[int], max_new_tokens: int) -> Generation:
         self._sync()
         start = time.perf_counter()
-        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
+        out = self._logits_at(torch.tensor([prompt], device=self.device), torch.tensor([[len(prompt) - 1]]),
+                              use_cache=True)
         past = out.past_key_values
         token = int(out.logits[0, -1].argmax())
         self._sync()
@@ -77,6 +175,13 @@ class HFBackend(Backend):
 
     def weights_report(self) -> WeightsReport:
         return self._weights_report
+
+    def describe(self) -> dict:
+        out = {**super().describe(), "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map and len(set(device_map.values())) > 1:
+            out["device_map"] = {str(k): str(v) for k, v in device_map.items()}
+        return out
 
 
 def dense_weights_report(model) -> WeightsReport:

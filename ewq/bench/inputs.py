@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import assets
 from ..data import mmlu as mmlu_data
-from ..data import prompts, wiki
+from ..data import hub, prompts, wiki
 from ..errors import UserError
 from ..metrics import generation
 from .settings import GENSIM_WIKI, WIKITEXT2, EvalSettings
@@ -15,17 +15,15 @@ from .settings import GENSIM_WIKI, WIKITEXT2, EvalSettings
 def load_eval_text(source: str) -> str:
     if source == GENSIM_WIKI:
         return wiki.eval_text(assets.wiki_file())
-    if source == WIKITEXT2:
-        try:
-            from datasets import load_dataset
-
-            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-        except Exception as error:
-            raise UserError(f"cannot load wikitext-2-raw-v1 from the hub: {type(error).__name__}") from None
-        return "".join(rows)
+    if source == WIKITEXT2 or hub.is_local_table(source):
+        text = "".join(row["text"] for row in hub.rows(hub.WIKITEXT2, source))
+        if not text.strip():
+            raise UserError(f"evaluation text {source} is empty")
+        return text
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"evaluation text not found: {source} (use '{GENSIM_WIKI}', '{WIKITEXT2}' or a file path)")
+        raise UserError(f"evaluation text not found: {source} (use '{GENSIM_WIKI}', '{WIKITEXT2}', "
+                        "a .txt file, or a .parquet/.jsonl/.csv table with wikitext's `text` column)")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise UserError(f"evaluation text {source} is empty")
@@ -56,7 +54,8 @@ def load_data(tokenizer, settings: EvalSettings) -> EvalData:
     shots = mmlu_data.exemplars(questions, sample, settings.mmlu_shots, settings.seed)
     mmlu_prompts = [tokenizer.encode(mmlu_data.prompt(q, shots.get(q.subject, [])), add_special_tokens=False)
                     for q in sample]
-    requests = prompts.generation_requests(assets.wiki_file(), settings.gen_per_task, settings.summaries)
+    requests = prompts.generation_requests(assets.wiki_file(), settings.gen_per_task, settings.summaries,
+                                           settings.summaries_from)
     if not requests:
         raise UserError("no generation requests: raise --gen-per-task or --summaries")
     request_prompts = [generation.prompt_tokens(tokenizer, r) for r in requests]

@@ -72,7 +72,7 @@ def _perplexity(ctx: Context, done: list, save: Callable[[list], None]) -> dict:
         if n_kld_tokens == 0:
             return perplexity.evaluate(backend, tokens, spec)
         with io.atomic_path(ctx.ckpt.file(".logprobs.npy")) as temp:
-            vocab = backend.logprobs(tokens[:2]).shape[-1]
+            vocab = backend.vocab_size
             record = perplexity.open_record(temp, n_kld_tokens, vocab)
             out = perplexity.evaluate(backend, tokens, spec, record=record)
             record.flush()

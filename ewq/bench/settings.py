@@ -9,6 +9,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from ..data import hub
+from ..data.prompts import WIKI
 from ..errors import UserError
 from ..metrics import perplexity
 
@@ -29,6 +31,7 @@ class EvalSettings:
     summaries: int
     max_new_tokens: int
     seed: int
+    summaries_from: str = WIKI  # added later: left out of the digest at its default (old results keep theirs)
 
     @property
     def window_spec(self) -> perplexity.WindowSpec:
@@ -36,14 +39,17 @@ class EvalSettings:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        values = {k: v for k, v in asdict(self).items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_json(self) -> dict:
         return {**asdict(self), "digest": self.digest}
 
 
+LATER_DEFAULTS = {"summaries_from": WIKI}  # settings added after results existed, at their defaults
 FULL = dict(eval_text=GENSIM_WIKI, context=512, stride=256, ppl_windows=128, kld_windows=32, mmlu_per_subject=20,
-            mmlu_shots=0, gen_per_task=3, summaries=100, max_new_tokens=128, seed=1234)
+            mmlu_shots=0, gen_per_task=3, summaries=100, max_new_tokens=128, seed=1234,
+            summaries_from=WIKI)
 QUICK = dict(FULL, ppl_windows=8, kld_windows=8, mmlu_per_subject=2, mmlu_shots=0, gen_per_task=1, summaries=3,
              max_new_tokens=32)
 
@@ -51,6 +57,9 @@ QUICK = dict(FULL, ppl_windows=8, kld_windows=8, mmlu_per_subject=2, mmlu_shots=
 def settings_from_args(args, device: str) -> EvalSettings:
     preset = QUICK if args.quick else FULL
     values = {key: getattr(args, key) if getattr(args, key) is not None else default for key, default in preset.items()}
+    if values["summaries_from"] not in (WIKI, "billsum") and not hub.is_local_table(values["summaries_from"]):
+        raise UserError(f"--summaries-from takes {WIKI}, billsum or a .parquet/.jsonl/.csv table with billsum's "
+                        f"columns, got {values['summaries_from']}")
     if values["mmlu_per_subject"] <= 0:
         raise UserError(f"--mmlu-per-subject must be positive, got {values['mmlu_per_subject']}")
     settings = EvalSettings(device=device, **values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from argparse import BooleanOptionalAction
+from argparse import ArgumentTypeError, BooleanOptionalAction
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 
 from .. import assets
 from ..backends import hf
-from ..backends.llamacpp import LlamaCppBackend
+from ..backends.llamacpp import SPLIT_MODES, LlamaCppBackend
 from ..bench import run as bench
 from ..bench.inputs import load_data
 from ..console import log
@@ -51,9 +51,23 @@ def parser_for(variant: Variant) -> Parser:
     parser.add_argument("--imatrix", action=BooleanOptionalAction, default=True,
                         help="quantize with the importance matrix (the same one for every quantized file)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for llama.cpp (default: torch's)")
+    parser.add_argument("--split-mode", choices=SPLIT_MODES, default="layer",
+                        help="how llama.cpp spreads the model over several GPUs (its --split-mode)")
+    parser.add_argument("--tensor-split", type=tensor_split,
+                        help="share of the model per GPU, e.g. 3,1 (llama.cpp's --tensor-split; default: by free memory)")
     if variant is Variant.GGUF_EWQ:
         add_plan_args(parser)
     return parser
+
+
+def tensor_split(text: str) -> list[float]:
+    try:
+        shares = [float(part) for part in text.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or any(not share >= 0 for share in shares) or not sum(shares) > 0:
+        raise ArgumentTypeError(f"must be comma-separated non-negative shares such as 3,1, got {text}")
+    return shares
 
 
 def calibration_file(gguf_dir: Path) -> Path:
@@ -63,9 +77,12 @@ def calibration_file(gguf_dir: Path) -> Path:
     return path
 
 
-def llama_bench(path: Path, device: str, threads: int) -> dict:
+def llama_bench(path: Path, device: str, threads: int, split_mode: str = "layer",
+                tensor_split: list[float] | None = None) -> dict:
     command = [tools.tool("llama-bench"), "-m", path, "-p", BENCH_PROMPT, "-n", BENCH_GEN, "-o", "json",
                "-t", threads, "-ngl", 99 if device == "cuda" else 0]
+    if device == "cuda":
+        command += ["-sm", split_mode] + (["-ts", "/".join(map(str, tensor_split))] if tensor_split else [])
     rows = json.loads(gguf_files.run_tool(command, "llama-bench").stdout)
     out = {}
     for row in rows:
@@ -168,9 +185,10 @@ def main(argv=None, variant: Variant | None = None) -> None:
     log(f"{path}: {report.bits_per_weight:.2f} bits/weight, {report.details['file_bytes'] / 2**20:.1f} MiB, "
         f"types {report.details['type_histogram']}")
     threads = args.threads or torch.get_num_threads()
-    extra["llama_bench"] = llama_bench(path, device, threads)
+    extra["llama_bench"] = llama_bench(path, device, threads, args.split_mode, args.tensor_split)
     n_ctx = -(-data.longest_sequence // 256) * 256
-    backend = LlamaCppBackend(path, device, variant.value, n_ctx, report, threads=threads)
+    backend = LlamaCppBackend(path, device, variant.value, n_ctx, report, threads=threads, split_mode=args.split_mode,
+                              tensor_split=args.tensor_split)
     out = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir, extra=extra,
                     tag=tag, skip=skip, resume=args.resume)
     log(bench.summary_line(out))

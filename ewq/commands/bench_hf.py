@@ -11,7 +11,7 @@ from ..console import log
 from ..plan.files import plan_for_model
 from ..results.io import check_writable_dir
 from ..results.record import Stage, Variant
-from .common import Parser, add_benchmark_args, add_plan_args, dry_run
+from .common import Parser, add_benchmark_args, add_hf_engine_args, add_plan_args, dry_run
 
 
 def prepare_run(args, variant: Variant):
@@ -29,18 +29,21 @@ def prepare_run(args, variant: Variant):
 
 
 def original_main(argv=None) -> None:
-    parser = Parser(description="Benchmark the original model (fp16 on GPU, fp32 on CPU); writes the KLD reference.")
+    parser = Parser(description="Benchmark the original model (its checkpoint's dtype on GPU, fp32 on CPU); "
+                                "writes the KLD reference.")
     add_benchmark_args(parser)
+    add_hf_engine_args(parser)
     args = parser.parse_args(argv)
     variant = Variant.ORIGINAL
     skip, device, settings, files, model_hash = prepare_run(args, variant)
     tokenizer = hf.load_tokenizer(files.root)
     data = load_data(tokenizer, settings)
+    dtype = hf.compute_dtype(device, args.dtype, files.root)
     if args.dry_run:
-        return dry_run([f"load {files.root} in {hf.compute_dtype(device)}",
+        return dry_run([f"load {files.root} in {dtype}" + (f", device map {args.device_map}" if args.device_map else ""),
                         *bench.planned_run(variant, None, model_hash, data, args.out_dir, args.resume, skip)])
-    model = hf.load_model(files.root, device, hf.compute_dtype(device))
-    backend = hf.HFBackend(model, device, "original", hf.dense_weights_report(model))
+    model = hf.load_model(files.root, device, dtype, args.device_map)
+    backend = hf.HFBackend(model, device, "original", hf.dense_weights_report(model), args.batch_size)
     path = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir, skip=skip,
                      resume=args.resume)
     log(bench.summary_line(path))
@@ -50,6 +53,7 @@ def original_main(argv=None) -> None:
 def ewq_main(argv=None) -> None:
     parser = Parser(description="Benchmark the model with an EWQ plan applied through bitsandbytes (int8 / nf4 / fp16).")
     add_benchmark_args(parser)
+    add_hf_engine_args(parser)
     add_plan_args(parser)
     args = parser.parse_args(argv)
     variant = Variant.EWQ_BNB
@@ -60,17 +64,17 @@ def ewq_main(argv=None) -> None:
     data = load_data(tokenizer, settings)
     if args.dry_run:
         counts = {p: c["tensors"] for p, c in plan.summary()["matrices_by_precision"].items()}
-        return dry_run([f"apply plan {plan.plan_hash} through bitsandbytes: matrices {counts}",
+        return dry_run([f"load {files.root} tensor by tensor in {hf.compute_dtype(device, args.dtype, files.root)}, "
+                        f"applying plan {plan.plan_hash} through bitsandbytes: matrices {counts}",
                         *bench.planned_run(variant, plan.plan_hash, model_hash, data, args.out_dir, args.resume, skip)])
     from .. import bitsandbytes_plan
 
-    dtype = hf.compute_dtype(device)
-    model = hf.load_model(files.root, "cpu", dtype)
-    applied = bitsandbytes_plan.apply_plan(model, plan, device, dtype)
-    report = bitsandbytes_plan.read_back(model, plan, applied["not_applicable"])
+    dtype = hf.compute_dtype(device, args.dtype, files.root)
+    model, not_applicable = bitsandbytes_plan.load_quantized(files, plan, device, dtype, args.device_map)
+    report = bitsandbytes_plan.read_back(model, plan, not_applicable)
     report.details["dtype"] = str(dtype).removeprefix("torch.")
     log(f"bitsandbytes read-back: {report.bits_per_weight:.2f} bits/weight, {report.weight_bytes / 2**20:.1f} MiB")
-    backend = hf.HFBackend(model, device, "ewq-bnb", report)
+    backend = hf.HFBackend(model, device, "ewq-bnb", report, args.batch_size)
     path = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir,
                      extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file), "plan_summary": plan.summary()},
                      tag=plan.plan_hash, skip=skip, resume=args.resume)

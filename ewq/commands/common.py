@@ -40,6 +40,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def batch_size(text: str) -> int | None:
+    """--batch-size: a positive integer, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text}") from None
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -90,7 +100,8 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", action="append", choices=[s.value for s in OPTIONAL_STAGES], default=[],
                         help="leave a stage out (repeatable); perplexity and KLD always run")
     group = parser.add_argument_group("evaluation settings (default: full preset; --quick: quick preset)")
-    group.add_argument("--eval-text", help=f"'{GENSIM_WIKI}' (offline, shipped), '{WIKITEXT2}' (hub), or a .txt path")
+    group.add_argument("--eval-text", help=f"'{GENSIM_WIKI}' (offline, shipped), '{WIKITEXT2}' (hub), a .txt file, "
+                                           "or a .parquet/.jsonl/.csv table with wikitext's `text` column")
     group.add_argument("--context", type=positive_int, help="perplexity window length in tokens")
     group.add_argument("--stride", type=positive_int, help="tokens scored per window (window step)")
     group.add_argument("--ppl-windows", type=positive_int, help="perplexity windows at most")
@@ -99,8 +110,24 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mmlu-shots", type=non_negative_int, help="k-shot exemplars per MMLU question")
     group.add_argument("--gen-per-task", type=non_negative_int, help="prompts each for code, math and reasoning")
     group.add_argument("--summaries", type=non_negative_int, help="summarization items at most")
+    group.add_argument("--summaries-from", help="'wiki' (offline, shipped), 'billsum' (hub), or a .parquet/.jsonl/.csv "
+                                                "table with billsum's columns text, summary")
     group.add_argument("--max-new-tokens", type=positive_int, help="greedy tokens per generation request")
     group.add_argument("--seed", type=int, help="seed of the MMLU sample and exemplars")
+
+
+def add_hf_engine_args(parser: argparse.ArgumentParser) -> None:
+    """How the Hugging Face benchmarks run the model: batch size, compute dtype, device map."""
+    from ..backends.hf import DTYPES
+
+    group = parser.add_argument_group("engine (how the model runs; recorded in the result's backend)")
+    group.add_argument("--batch-size", type=batch_size, default="auto",
+                       help="sequences per forward pass for perplexity and MMLU, or auto: as large as fits, "
+                            "halved on out-of-memory (generation is always batch 1)")
+    group.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                       help="compute dtype; auto: the checkpoint's dtype on GPU, float32 on CPU")
+    group.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                       help="spread the model with accelerate over the GPUs, then CPU memory (none: one device)")
 
 
 # --- running a script -------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     out_dir = io.ensure_writable_dir(args.out_dir)
     log(f"model {files.root} (hash {model_hash}) on {device}; plan {plan_file}; "
         f"{args.windows} windows x {args.stride} tokens; imatrix {args.imatrix or 'none'}")
-    model = hf.load_model(files.root, device, hf.compute_dtype(device))
+    model = hf.load_model(files.root, device, hf.compute_dtype(device, model_dir=files.root))
     backend = hf.HFBackend(model, device, "sensitivity", hf.dense_weights_report(model))
     tokens_digest = perplexity.tokens_digest(tokens[: spec.max_windows * spec.stride + spec.context])
     fingerprint = {"model_hash": model_hash, "plan_hash": plan.plan_hash, "levels": [level.value for level in levels],

@@ -1,10 +1,12 @@
 """Generation requests: the seeds' four tasks (code, math, summarization, reasoning).
 
-Summarization is scored against references derived from the shipped Wikipedia text:
-source = the first SOURCE_WORDS words of an article's body (everything after the lead),
-reference = the first REFERENCE_SENTENCES sentences of that article's lead, which
-Wikipedia writes as a summary of the article. Only "summarization"-role articles are used,
-so none of this text is perplexity text.
+Summarization is scored against references, from one of two sources (--summaries-from):
+- wiki (offline, the default): derived from the shipped Wikipedia text: source = the first
+  SOURCE_WORDS words of an article's body (everything after the lead), reference = the first
+  REFERENCE_SENTENCES sentences of that article's lead, which Wikipedia writes as a summary of
+  the article. Only "summarization"-role articles are used, so none of this text is perplexity text.
+- billsum (the hub, or a local table in its schema, data/hub.py): the standard set the original
+  studies used; source = the first SOURCE_WORDS words of the bill, reference = its summary.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import wiki
+from . import hub, wiki
 
 SOURCE_WORDS = 300
 REFERENCE_SENTENCES = 2
+WIKI = "wiki"  # the offline summarization items
 
 
 class Task:
@@ -59,13 +62,28 @@ def summarization_requests(wiki_path: Path) -> list[Request]:
         reference = first_sentences(article.lead, REFERENCE_SENTENCES)
         if len(source.split()) < SOURCE_WORDS // 2 or not reference:
             continue
-        prompt = f"Summarize the following text in two sentences.\n\n{source}"
-        requests.append(Request(Task.SUMMARIZATION, prompt, reference))
+        requests.append(_summarize(source, reference))
     return requests
 
 
-def generation_requests(wiki_path: Path, per_task: int, summaries: int) -> list[Request]:
-    """`per_task` prompts of code, math and reasoning, and `summaries` summarization items."""
+def _summarize(source_text: str, reference: str) -> Request:
+    source = " ".join(source_text.split()[:SOURCE_WORDS])
+    return Request(Task.SUMMARIZATION, f"Summarize the following text in two sentences.\n\n{source}", reference)
+
+
+def hub_summarization_requests(source: str, limit: int) -> list[Request]:
+    """The first `limit` items of billsum (by name, or a local table with its columns)."""
+    return [_summarize(row["text"], row["summary"].strip()) for row in hub.rows(hub.BILLSUM, source)[:limit]
+            if row["text"].strip() and row["summary"].strip()]
+
+
+def generation_requests(wiki_path: Path, per_task: int, summaries: int, summaries_from: str = WIKI) -> list[Request]:
+    """`per_task` prompts of code, math and reasoning, and `summaries` summarization items from
+    `summaries_from` (WIKI, "billsum", or a local table in billsum's schema)."""
     fixed = [(Task.CODE, CODE_PROMPTS), (Task.MATH, MATH_PROMPTS), (Task.REASONING, REASONING_PROMPTS)]
     requests = [Request(task, text) for task, prompts in fixed for text in prompts[:per_task]]
-    return requests + summarization_requests(wiki_path)[:summaries]
+    if summaries == 0:
+        return requests
+    if summaries_from == WIKI:
+        return requests + summarization_requests(wiki_path)[:summaries]
+    return requests + hub_summarization_requests(summaries_from, summaries)

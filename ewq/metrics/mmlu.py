@@ -24,15 +24,20 @@ def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: 
              done: Sequence[int] = (), on_progress: Callable[[list[int]], None] | None = None,
              every: int = 50) -> dict:
     """`prompts[i]` holds the token ids of mmlu.prompt() for `sample[i]`. `done` holds the results
-    of the first questions from an interrupted run; `on_progress` gets all results every `every`."""
+    of the first questions from an interrupted run; `on_progress` gets all results after each chunk
+    of at least `every` questions."""
     letter_ids = letter_token_ids(tokenizer)
     correct = list(done)
-    todo = list(zip(sample, prompts))[len(correct):]
-    for question, prompt_ids in progress(todo, desc=f"mmlu [{backend.name}]", unit="q"):
-        scores = backend.next_token_logprobs(prompt_ids)[letter_ids]
-        correct.append(int(int(scores.argmax()) == question.answer))
-        if on_progress is not None and len(correct) % every == 0:
+    bar = progress(total=len(sample), initial=len(correct), desc=f"mmlu [{backend.name}]", unit="q")
+    while len(correct) < len(sample):
+        # chunks of several batches: the backend sorts a chunk by length, and progress is saved after each
+        chunk = slice(len(correct), len(correct) + max(every, 4 * backend.batch_size))
+        scores = backend.next_token_logprobs(prompts[chunk], letter_ids)  # [chunk, 4]
+        correct.extend(int(int(row.argmax()) == question.answer) for row, question in zip(scores, sample[chunk]))
+        bar.update(len(scores))
+        if on_progress is not None:
             on_progress(correct)
+    bar.close()
     by_subject: dict[str, list[int]] = {}
     for question, hit in zip(sample, correct):
         by_subject.setdefault(question.subject, []).append(hit)

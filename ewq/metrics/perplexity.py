@@ -53,27 +53,29 @@ def tokens_digest(tokens: list[int]) -> str:
 def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
              reference: np.ndarray | None = None, record: np.ndarray | None = None) -> dict:
     """Perplexity on every window; KLD and same-top-1 vs `reference` on the first
-    kld_windows windows; if `record` is given, the log-probs of those windows are written to it."""
+    kld_windows windows; if `record` is given, the log-probs of those windows are written to it.
+    Windows go to the backend `batch_size` at a time; NLL, KLD and top-1 are computed on the
+    backend's device and only per-token numbers come back to the host (plus `record`'s rows)."""
     starts = window_starts(len(tokens), spec)
     kld_windows = min(spec.kld_windows, len(starts))
+    scored = slice(spec.context - spec.stride - 1, spec.context - 1)  # row i predicts token i+1
     window_nll, window_kld, window_top1, token_kld = [], [], [], []
-    for index, start in enumerate(progress(starts, desc=f"perplexity [{backend.name}]", unit="window")):
-        window = tokens[start:start + spec.context]
-        rows = backend.logprobs(window)[spec.context - spec.stride - 1: spec.context - 1]
-        targets = torch.tensor(window[spec.context - spec.stride:])
-        nll = -rows.gather(1, targets[:, None]).squeeze(1).double()
-        window_nll.append(float(nll.mean()))
-        if index >= kld_windows:
-            continue
-        block = slice(index * spec.stride, (index + 1) * spec.stride)
-        if record is not None:
-            record[block] = rows.numpy().astype(np.float16)
-        if reference is not None:
-            ref = torch.from_numpy(np.asarray(reference[block], dtype=np.float32))
-            kld = (ref.exp() * (ref - rows)).sum(dim=-1).double()
-            token_kld.extend(kld.tolist())
-            window_kld.append(float(kld.mean()))
-            window_top1.append(float((ref.argmax(-1) == rows.argmax(-1)).double().mean()))
+    bar = progress(total=len(starts), desc=f"perplexity [{backend.name}]", unit="window")
+    for first in range(0, len(starts), backend.batch_size):
+        windows = [tokens[start:start + spec.context] for start in starts[first:first + backend.batch_size]]
+        rows = backend.window_logprobs(windows, scored)  # [batch, stride, vocab] on the device
+        targets = torch.tensor([w[spec.context - spec.stride:] for w in windows], device=rows.device)
+        nll = -rows.gather(2, targets[..., None]).squeeze(2)  # [batch, stride]
+        window_nll.extend(nll.double().mean(dim=1).tolist())
+        n_kld = max(0, min(len(windows), kld_windows - first))  # windows of this batch that feed KLD
+        if n_kld:
+            block = slice(first * spec.stride, (first + n_kld) * spec.stride)
+            if record is not None:
+                record[block] = rows[:n_kld].half().cpu().numpy().reshape(-1, rows.shape[-1])
+            if reference is not None:
+                _compare(rows[:n_kld], reference[block], window_kld, window_top1, token_kld)
+        bar.update(len(windows))
+    bar.close()
     nll_stats = mean_se(window_nll)
     ppl = math.exp(nll_stats.mean)
     result = {
@@ -94,6 +96,17 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
         result["per_window_kld"] = window_kld
         result["per_window_same_top1"] = window_top1
     return result
+
+
+def _compare(rows: torch.Tensor, reference: np.ndarray, window_kld: list, window_top1: list,
+             token_kld: list) -> None:
+    """KLD(reference || rows) and same top-1 per token of the windows `rows` [n, stride, vocab];
+    `reference` holds their n*stride float16 rows. Appends per window and per token."""
+    ref = torch.from_numpy(np.array(reference, dtype=np.float16)).to(rows.device).float().view(rows.shape)
+    kld = (ref.exp() * (ref - rows)).sum(dim=-1).double()  # [n, stride]
+    token_kld.extend(kld.flatten().tolist())
+    window_kld.extend(kld.mean(dim=1).tolist())
+    window_top1.extend((ref.argmax(-1) == rows.argmax(-1)).double().mean(dim=1).tolist())
 
 
 def open_record(path: Path, n_tokens: int, vocab: int) -> np.memmap:

@@ -235,7 +235,7 @@ def measured_kld(model_dir: Path, model_hash: str, groups: list[Group],
         return done
     log(f"sensitivity: measuring {len(groups) - len(done)} groups/tensors ({len(done)} cached) on {spec.windows} x "
         f"{spec.context} calibration tokens, {device}; cache {path}")
-    model = hf.load_model(model_dir, device, torch.float32 if device == "cpu" else hf.compute_dtype(device))
+    model = hf.load_model(model_dir, device, hf.compute_dtype(device, model_dir=model_dir))
     started = time.time()
 
     def save(kld: dict[str, float]) -> None:
@@ -255,7 +255,7 @@ def whole_plan_kld(model_dir: Path, entries: list[TensorEntry], imatrix: Importa
     from ..backends import hf
 
     tokens = calibration_tokens(hf.load_tokenizer(model_dir), spec)
-    model = hf.load_model(model_dir, device, torch.float32 if device == "cpu" else hf.compute_dtype(device))
+    model = hf.load_model(model_dir, device, hf.compute_dtype(device, model_dir=model_dir))
     tokens = tokens.to(next(model.parameters()).device)
     references = [Reference.of(window_logits(model, window)) for window in tokens]
     for entry in entries:
