@@ -80,8 +80,8 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
     """The model with the plan applied, built tensor by tensor from the checkpoint: (model, the
     planned matrices that are not nn.Linear weights). Each tensor goes to `device`, or to its place
     in accelerate's `device_map` (auto, balanced, …: several GPUs, then CPU)."""
-    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -90,7 +90,7 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
             model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot build {files.root} as a causal LM: {str(error).splitlines()[0]}") from None
-    mapping = _device_map(model, device_map, infer_auto_device_map, get_balanced_memory) if device_map else None
+    mapping = _device_map(model, device_map) if device_map else None
 
     def placement(name: str) -> str:
         return device if mapping is None else _place(mapping, name)
@@ -119,8 +119,7 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
             value = next(weights.read_tensors([info]))[1].to(compute_dtype)
             set_module_tensor_to_device(model, name, placement(name), value=value)
     for name, buffer in list(model.named_buffers()):  # rotary tables and the like, built on the host
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._buffers[leaf] = buffer.to(placement(name))
+        set_module_tensor_to_device(model, name, placement(name), value=buffer)
     model.tie_weights()
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
     if missing:
@@ -131,8 +130,11 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
     return model.eval(), _not_applicable(plan, {f"{name}.weight" for name in linears})
 
 
-def _device_map(model: nn.Module, device_map: str, infer_auto_device_map, get_balanced_memory) -> dict:
+def _device_map(model: nn.Module, device_map: str) -> dict:
     """accelerate's module -> device map for `device_map` (auto, balanced, balanced_low_0, sequential)."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
     no_split = getattr(model, "_no_split_modules", None) or []
     max_memory = None
     if device_map.startswith("balanced"):

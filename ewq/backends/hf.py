@@ -84,7 +84,7 @@ class HFBackend(Backend):
     def __init__(self, model, device: str, name: str, weights_report: WeightsReport, batch_size: int | None = 1):
         """batch_size None: auto (AUTO_BATCH for the device, halved on out-of-memory)."""
         self.model, self.name = model, name
-        self.device = input_device(model) if device == "cuda" or device.startswith("cuda:") else device
+        self.device = input_device(model) if device.startswith("cuda") else device
         self.auto_batch = batch_size is None
         self.batch_size = batch_size or AUTO_BATCH["cpu" if self.device == "cpu" else "cuda"]
         self._weights_report = weights_report

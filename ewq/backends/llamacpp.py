@@ -6,8 +6,8 @@ sequence, n_ubatch 512), asking for logits only at the positions a metric reads:
 a perplexity window, the last position of an MMLU prompt or a generation step. llama.cpp then runs
 its output layer on those positions only, and the logits are read in place (no copy of a score
 matrix per call). Flash attention is on, as llama.cpp's own tools choose by default where the
-backend has it (16% faster prompt processing on our 2-core CPUs). On GPU every layer is offloaded (n_gpu_layers=-1), split over the GPUs as
---split-mode / --tensor-split say.
+backend has it (16% faster prompt processing on our 2-core CPUs). On GPU every layer is offloaded
+(n_gpu_layers=-1), split over the GPUs as --split-mode / --tensor-split say.
 """
 from __future__ import annotations
 
@@ -66,11 +66,14 @@ class LlamaCppBackend(Backend):
     def _array(self, pointer, ctype) -> np.ndarray:
         return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctype)), shape=(self.n_ctx,))
 
+    def _check(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ValueError(f"{n} tokens exceed the llama.cpp context of {self.n_ctx}")
+
     def _decode(self, tokens: list[int], n_past: int, outputs: np.ndarray) -> np.ndarray:
         """Decode `tokens` at positions n_past.. of sequence 0; logits [len(outputs), vocab] at the
         indices `outputs` of `tokens` (a view into llama.cpp's buffer, valid until the next decode)."""
-        if n_past + len(tokens) > self.n_ctx:
-            raise ValueError(f"{n_past + len(tokens)} tokens exceed the llama.cpp context of {self.n_ctx}")
+        self._check(n_past + len(tokens))
         n, batch = len(tokens), self._batch
         batch.n_tokens = n
         self._array(batch.token, ctypes.c_int32)[:n] = tokens
@@ -101,8 +104,7 @@ class LlamaCppBackend(Backend):
                             for p in prompts])
 
     def generate_greedy(self, prompt: list[int], max_new_tokens: int) -> Generation:
-        if len(prompt) + max_new_tokens > self.n_ctx:
-            raise ValueError(f"{len(prompt) + max_new_tokens} tokens exceed the llama.cpp context of {self.n_ctx}")
+        self._check(len(prompt) + max_new_tokens)  # before the clock starts
         last = np.array([0])
         start = time.perf_counter()
         self._clear()

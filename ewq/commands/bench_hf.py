@@ -62,14 +62,14 @@ def ewq_main(argv=None) -> None:
     log(f"plan {plan_file} ({plan.plan_hash})")
     tokenizer = hf.load_tokenizer(files.root)
     data = load_data(tokenizer, settings)
+    dtype = hf.compute_dtype(device, args.dtype, files.root)
     if args.dry_run:
         counts = {p: c["tensors"] for p, c in plan.summary()["matrices_by_precision"].items()}
-        return dry_run([f"load {files.root} tensor by tensor in {hf.compute_dtype(device, args.dtype, files.root)}, "
+        return dry_run([f"load {files.root} tensor by tensor in {dtype}, "
                         f"applying plan {plan.plan_hash} through bitsandbytes: matrices {counts}",
                         *bench.planned_run(variant, plan.plan_hash, model_hash, data, args.out_dir, args.resume, skip)])
     from .. import bitsandbytes_plan
 
-    dtype = hf.compute_dtype(device, args.dtype, files.root)
     model, not_applicable = bitsandbytes_plan.load_quantized(files, plan, device, dtype, args.device_map)
     report = bitsandbytes_plan.read_back(model, plan, not_applicable)
     report.details["dtype"] = str(dtype).removeprefix("torch.")
