@@ -2,7 +2,8 @@
 
 Every nn.Linear whose weight the plan names becomes Linear8bitLt (int8, outlier threshold 6.0)
 or Linear4bit (nf4, double-quantized absmax), or stays dense, per its precision. Embeddings
-cannot be bitsandbytes-quantized: a plan that asks for it is recorded as not applicable.
+and MoE experts (3-D parameters in transformers, ewq.experts) cannot be bitsandbytes-quantized: a
+plan that asks for it is recorded as not applicable, and they stay dense.
 load_quantized() builds the model empty (parameters on the meta device) and fills it one checkpoint
 tensor at a time, quantizing each planned matrix as it arrives: the full-precision model never
 exists, so host RAM peaks near the quantized size plus the largest tensor or two (README, figures).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import weights
+from . import experts, weights
 from .console import progress
 from .errors import UserError
 from .plan.model import Plan, Precision
@@ -96,6 +97,7 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
         return device if mapping is None else _place(mapping, name)
 
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    layout, fused_filled = experts.ModelTensors(model), {}  # MoE experts: fused parameter -> values written
     tensors = weights.list_tensors(files)
     biases = {info.name: info for info in tensors if info.name.endswith(".bias")
               and info.name.removesuffix(".bias") in linears}
@@ -108,6 +110,16 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
             bias_info = biases.get(f"{module_name}.bias")
             bias = next(weights.read_tensors([bias_info]))[1] if bias_info else None
             _set_module(model, module_name, _quantized_linear(tensor, bias, precision, compute_dtype).to(target))
+            continue
+        fused = layout.locate(info.name, info.shape) if experts.stack_name(info.name) else (info.name, ())
+        if fused[1]:  # one expert's matrix, into its place in the fused parameter (stays dense)
+            name, index = fused
+            if name not in fused_filled:
+                empty = torch.empty(model.get_parameter(name).shape, dtype=compute_dtype)
+                set_module_tensor_to_device(model, name, placement(name), value=empty)
+                fused_filled[name] = 0
+            model.get_parameter(name).data[index].copy_(tensor)
+            fused_filled[name] += tensor.numel()
             continue
         try:
             value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
@@ -122,6 +134,7 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
         set_module_tensor_to_device(model, name, placement(name), value=buffer)
     model.tie_weights()
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    missing += [name for name, count in fused_filled.items() if count != model.get_parameter(name).numel()]
     if missing:
         raise UserError(f"the checkpoint of {files.root} lacks {len(missing)} parameter(s) of the model, "
                         f"e.g. {missing[0]}")

@@ -21,6 +21,7 @@ import torch
 
 from .backends.base import Backend
 from .console import progress
+from .experts import ModelTensors
 from .llamacpp.quantizers import ImportanceMatrix, round_trip, weighted_error
 from .metrics import perplexity
 from .metrics.stats import paired_difference, spearman_bootstrap
@@ -65,21 +66,21 @@ def units(plan: Plan, levels: tuple[Level, ...]) -> list[Unit]:
 @contextmanager
 def quantized(model: torch.nn.Module, unit: Unit, imatrix: ImportanceMatrix | None, errors: dict[str, float]):
     """Swap the unit's matrices for their 4-bit round trip; restore them afterwards."""
-    saved = {}
+    tensors, saved = ModelTensors(model), []
     try:
         for entry in unit.tensors:
-            param = model.get_parameter(entry.hf_name)
-            saved[entry.hf_name] = param.data.clone()
-            original = param.data.float().cpu().numpy()
+            values = tensors.values(entry)
+            saved.append((entry, values))
+            original = values.float().cpu().numpy()
             importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
             approx = round_trip(original, llama_type_for(Precision.INT4, entry), importance)
             if entry.hf_name not in errors:
                 errors[entry.hf_name] = weighted_error(original, approx, importance)
-            param.data.copy_(torch.from_numpy(approx).to(param.dtype))
+            tensors.assign(entry, torch.from_numpy(approx))
         yield
     finally:
-        for name, data in saved.items():
-            model.get_parameter(name).data.copy_(data)
+        for entry, values in saved:
+            tensors.assign(entry, values)
 
 
 def measure(model: torch.nn.Module, backend: Backend, tokens: list[int], spec: perplexity.WindowSpec,

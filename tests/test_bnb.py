@@ -56,3 +56,36 @@ def test_read_back_detects_a_module_that_differs_from_the_plan(model_and_plan):
     setattr(parent, child, torch.nn.Linear(old.in_features, old.out_features, bias=False))
     with pytest.raises(UserError, match="differ from the plan"):
         bnb.read_back(model, plan, not_applicable)
+
+
+def test_moe_experts_are_loaded_into_the_fused_parameters_and_stay_dense(tmp_path):
+    """Qwen3-MoE: each expert's checkpoint matrix goes to its place in transformers' fused 3-D parameters
+    (bitsandbytes cannot hold those: recorded as not applicable); with every matrix dense the model is
+    the one from_pretrained builds, to the bit; with the plan's int8/nf4 attention, close to it."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                            num_experts_per_tok=2, max_position_embeddings=128)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe", safe_serialization=True)
+    files = weights.open_model(str(tmp_path / "moe"))
+    plan = create_plan(str(tmp_path / "moe"), PlanParams(entropy_factor=0.3, fp16_factor=0.8))
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    quantized, not_applicable = bnb.load_quantized(files, plan, "cpu", torch.float32)
+    report = bnb.read_back(quantized, plan, not_applicable)
+    assert sorted(not_applicable) == sorted(t.hf_name for t in plan.tensors if t.experts and t.precision is not Precision.FP16)
+    assert report.details["linear_by_precision"]["4bit"]["modules"] + report.details["linear_by_precision"]["8bit"]["modules"]
+    for name, param in dense.named_parameters():
+        if name.endswith(("gate_up_proj", "down_proj")) and ".experts." in name:
+            assert torch.equal(quantized.get_parameter(name), param)
+
+    for t in plan.tensors:
+        t.precision = Precision.FP16
+    all_dense, _ = bnb.load_quantized(files, plan, "cpu", torch.float32)
+    with torch.inference_mode():
+        expected, got, approx = dense(ids).logits, all_dense(ids).logits, quantized(ids).logits
+    assert torch.equal(got, expected)
+    assert 0 < float((approx - expected).norm() / expected.norm()) < 0.2

@@ -60,18 +60,110 @@ def test_an_architecture_outside_the_old_table_is_planned_and_quantized_as_plann
         [t for t in plan.tensors if t.gguf_name])
 
 
-def test_matrices_the_converter_merges_are_refused(tmp_path):
-    """Qwen3-MoE: llama.cpp stacks the experts into one tensor per block; a plan cannot follow that yet."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
+def tiny_moe(path: Path, arch: str = "qwen3_moe") -> Path:
+    """A tiny MoE model (4 experts, rows of 256 so that K-quants fit, tied embedding) with SmolLM2's tokenizer."""
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                            num_experts_per_tok=2, max_position_embeddings=128)
-    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe", safe_serialization=True)
-    result = run("create_quantization_plan.py", "--model", tmp_path / "moe", "--out-dir", tmp_path / "plans", check=False)
-    assert_usage_error(result, "have no GGUF name of their own")
-    assert not (tmp_path / "plans").exists()
+    common = dict(vocab_size=49152, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=True)
+    if arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=256, num_local_experts=4, **common))
+    else:
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=256, num_experts=4,
+                                                   head_dim=64, **common))
+    return with_tokenizer(model.eval(), path)
+
+
+def test_moe_experts_are_planned_as_the_stacked_tensors_llama_cpp_writes(tmp_path):
+    """Qwen3-MoE: the converter stacks each block's experts into one tensor per projection; the plan has
+    one entry per stack (its members in expert order), keeps the router in F32 as llama.cpp does, and
+    the quantized file follows it."""
+    model_dir = tiny_moe(tmp_path / "moe")
+    plan = create_plan(str(model_dir), PlanParams(entropy_factor=0.3, fp16_factor=0.8))
+    stacks = [t for t in plan.tensors if t.experts]
+    assert sorted(t.gguf_name for t in stacks) == sorted(f"blk.{b}.ffn_{p}_exps.weight" for b in (0, 1)
+                                                         for p in ("gate", "up", "down"))
+    gate = next(t for t in stacks if t.gguf_name == "blk.1.ffn_gate_exps.weight")
+    assert gate.hf_name == "model.layers.1.mlp.experts.gate_proj.weight" and gate.shape == [4, 256, 256]
+    assert gate.experts == [f"model.layers.1.mlp.experts.{e}.gate_proj.weight" for e in range(4)]
+    router = plan.tensor("model.layers.0.mlp.gate.weight")
+    assert router.reason.value == "keep:llama.cpp" and router.llama_type == "F32"
+    assert not any(".experts.0." in t.hf_name for t in plan.tensors)
+    read_back = quantize_and_read_back(plan, tmp_path / "plans", model_dir, tmp_path)
+    assert read_back["check"]["matches_plan"]
+    in_file = {t.name: t for t in gguf_files.read_tensors(read_back["file"])}
+    assert all(in_file[t.gguf_name].n_elements == t.numel for t in plan.tensors)
+
+
+def test_a_kld_plan_of_an_moe_model_with_an_importance_matrix_is_the_file(tmp_path):
+    """--score kld with llama-imatrix's per-expert importance: every stack measured (its experts swapped
+    at once in transformers' fused parameters), bytes exact, and each stack in the file equal, bit for
+    bit, to our round trip with each expert's own importance row."""
+    import numpy as np
+    from gguf import GGUFReader, quants
+
+    from ewq.commands.bench_gguf import calibration_file
+    from ewq.llamacpp.quantizers import ImportanceMatrix, round_trip
+    from ewq.plan.files import load_plan
+
+    model_dir = tiny_moe(tmp_path / "moe")
+    f16 = gguf_files.convert_f16(model_dir, tmp_path / "f16.gguf")
+    imatrix_file = gguf_files.build_imatrix(f16, calibration_file(tmp_path), tmp_path / "imatrix.gguf", 64, 4)
+    imatrix = ImportanceMatrix.load(imatrix_file)
+    assert imatrix.for_tensor("blk.0.ffn_down_exps.weight").shape == (4, 256)
+    budget, plans = 26_600_000, tmp_path / "plans"  # the embedding kept in F16 (25.2 MB), the rest about 5.6 bpw
+    result = run("create_quantization_plan.py", "--model", model_dir, "--target-size", str(budget), "--score", "kld",
+                 "--imatrix", imatrix_file, "--calibration-windows", "1",
+                 "--calibration-context", "64", "--out-dir", plans)
+    plan = load_plan(Path(result.stdout.split()[0]))
+    stacks = [t for t in plan.tensors if t.experts]
+    assert len(stacks) == 6 and all(t.rank_score and t.rank_score > 0 for t in stacks)
+    assert len({t.llama_type for t in stacks}) >= 2
+    assert plan.budget["gguf"]["bytes"] <= budget and len({t.llama_type for t in plan.tensors if t.is_matrix}) >= 2
+    _, script = write_plan(plan, plans)
+    out = gguf_files.quantize_with_plan(script, f16, tmp_path / "planned.gguf", imatrix_file)
+    assert gguf_files.verify_plan(plan, out)["matches_plan"]
+    assert gguf_files.describe(out).weight_bytes == plan.budget["gguf"]["bytes"]
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+        in_file = {t.name: t for t in GGUFReader(out).tensors}
+        for stack in stacks:
+            values = torch.stack([weights.get_tensor(m) for m in stack.experts]).float().numpy()
+            tensor = in_file[stack.gguf_name]
+            written = quants.dequantize(tensor.data, tensor.tensor_type).reshape(values.shape)
+            expected = round_trip(values.astype(np.float16).astype(np.float32), stack.llama_type,
+                                  imatrix.for_tensor(stack.gguf_name))
+            assert np.array_equal(written, expected), stack.gguf_name
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_every_expert_is_found_in_transformers_fused_parameters(tmp_path, arch):
+    """transformers fuses the experts (gate and up concatenated; Mixtral's module renamed): ModelTensors
+    reads each checkpoint matrix back from its place, and writes a stack back where it came from."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from ewq.experts import ModelTensors
+
+    model_dir = tiny_moe(tmp_path / arch, arch)
+    plan = create_plan(str(model_dir), PlanParams())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tensors = ModelTensors(model)
+    stacks = [t for t in plan.tensors if t.experts]
+    assert len(stacks) == 6
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+        for stack in stacks:
+            assert torch.equal(tensors.values(stack), torch.stack([weights.get_tensor(m).float() for m in stack.experts]))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    stack = stacks[0]
+    tensors.assign(stack, torch.zeros(stack.shape))
+    assert not tensors.values(stack).any()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == 1 and changed[0].endswith(("gate_up_proj", "down_proj"))
 
 
 def test_an_architecture_the_converter_does_not_know_is_refused(tmp_path):
@@ -81,6 +173,32 @@ def test_an_architecture_the_converter_does_not_know_is_refused(tmp_path):
     save_file({"model.layers.0.proj.weight": torch.zeros(8, 8)}, str(model / "model.safetensors"))
     with pytest.raises(UserError, match="converter does not know"):
         create_plan(str(model), PlanParams())
+
+
+def test_experts_already_fused_in_the_checkpoint_are_refused(tmp_path):
+    model = tmp_path / "fused"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                                                   "num_hidden_layers": 1}))
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 64, 32),
+               "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, str(model / "model.safetensors"))
+    with pytest.raises(UserError, match=r"already fused \(model.layers.0.mlp.experts.gate_up_proj, \[4, 64, 32\]\)"):
+        create_plan(str(model), PlanParams())
+
+
+def test_a_matrix_the_converter_cannot_name_is_refused(tmp_path, monkeypatch):
+    from ewq.plan import build
+
+    tiny_llama(num_layers=1).save_pretrained(tmp_path / "m", safe_serialization=True)
+    real = build.gguf_names
+
+    def without_one(config, names):
+        arch, named = real(config, names)
+        return arch, {**named, "model.layers.0.mlp.up_proj.weight": None}
+
+    monkeypatch.setattr(build, "gguf_names", without_one)
+    with pytest.raises(UserError, match="have no GGUF name of their own"):
+        create_plan(str(tmp_path / "m"), PlanParams())
 
 
 def test_a_plan_with_an_unnamed_matrix_gets_no_script_and_fails_its_read_back(tmp_path):

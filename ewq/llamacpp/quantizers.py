@@ -64,8 +64,17 @@ def quantize(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | No
     return dst
 
 
+def _expert(imatrix: np.ndarray | None, expert: int) -> np.ndarray | None:
+    """Expert `expert`'s importance vector: its row of a per-expert [experts, cols] matrix."""
+    return imatrix[expert] if imatrix is not None and imatrix.ndim == 2 else imatrix
+
+
 def round_trip(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """What llama.cpp's kernels see after quantizing `matrix` to `llama_type`, as float32."""
+    """What llama.cpp's kernels see after quantizing `matrix` to `llama_type`, as float32. A stack of
+    experts [experts, rows, cols] is quantized expert by expert, each with its own importance row,
+    as llama-quantize does."""
+    if matrix.ndim == 3:
+        return np.stack([round_trip(m, llama_type, _expert(imatrix, e)) for e, m in enumerate(matrix)])
     if llama_type is LlamaType.F32:
         return np.asarray(matrix, dtype=np.float32)
     if llama_type is LlamaType.F16:
@@ -82,17 +91,23 @@ def relative_error(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarra
 
 def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | None = None) -> float:
     """sum_j a_j sum_i (w_ij - q_ij)^2 / sum_j a_j sum_i w_ij^2, with a = importance (1 if none):
-    the expected relative squared error of the layer's output for inputs of that energy."""
+    the expected relative squared error of the layer's output for inputs of that energy. Over a
+    stack of experts [experts, rows, cols], the sums run over every expert (each its own a)."""
     matrix = np.asarray(matrix, dtype=np.float32)
-    column_weight = np.ones(matrix.shape[1]) if imatrix is None else np.asarray(imatrix, dtype=np.float64)
-    error = ((matrix - approx).astype(np.float64) ** 2).sum(axis=0) @ column_weight
-    energy = (matrix.astype(np.float64) ** 2).sum(axis=0) @ column_weight
-    return float(error / energy) if energy > 0 else 0.0
+    parts = [(matrix, approx, imatrix)] if matrix.ndim == 2 else \
+        [(m, q, _expert(imatrix, e)) for e, (m, q) in enumerate(zip(matrix, approx))]
+    error = energy = 0.0
+    for m, q, importance in parts:
+        column_weight = np.ones(m.shape[1]) if importance is None else np.asarray(importance, dtype=np.float64)
+        error += float(((m - q).astype(np.float64) ** 2).sum(axis=0) @ column_weight)
+        energy += float((m.astype(np.float64) ** 2).sum(axis=0) @ column_weight)
+    return error / energy if energy > 0 else 0.0
 
 
 class ImportanceMatrix:
     """llama-imatrix's GGUF output: per GGUF tensor name, the mean squared activation of every
-    input column (in_sum2 / counts)."""
+    input column (in_sum2 / counts); for a stack of experts one row per expert ([experts, cols],
+    each over its own count, 1 where an expert saw no token, as llama-quantize reads it)."""
 
     def __init__(self, vectors: dict[str, np.ndarray], path: Path):
         self.vectors, self.path = vectors, path
@@ -118,9 +133,14 @@ class ImportanceMatrix:
             if name.endswith(".in_sum2"):
                 base = name.removesuffix(".in_sum2")
                 counts = arrays.get(f"{base}.counts")
-                if counts is None or counts.size != 1 or counts[0] <= 0:
+                if counts is None or counts.size == 0 or sums.size % counts.size:
                     continue
-                vectors[base] = (sums / counts[0]).astype(np.float32)
+                if counts.size > 1:  # per expert
+                    counts = counts.reshape(-1, 1).astype(np.float32)  # float32, as llama-quantize divides
+                    per_expert = sums.reshape(counts.size, -1).astype(np.float32)
+                    vectors[base] = np.where(counts > 0, per_expert / np.maximum(counts, 1), np.float32(1))
+                elif counts[0] > 0:
+                    vectors[base] = (sums / counts[0]).astype(np.float32)
         if not vectors:
             raise UserError(f"{path} holds no importance vectors (not a llama-imatrix GGUF file?)")
         return cls(vectors, path)

@@ -50,6 +50,11 @@ class _LlamaTypeBase(str, Enum):
 LlamaType = _LlamaTypeBase("LlamaType", {t.name: t.name for t in GGMLType})
 
 VECTOR_TYPE = LlamaType.F32  # llama.cpp keeps 1-D tensors (norms, biases) in F32
+# Matrices that the converter writes in F32 and llama-quantize never quantizes, whatever it is asked
+# (llama-quant.cpp, tensor_allows_quantization): MoE expert routers and small recurrent-model weights.
+NEVER_QUANTIZED = ("ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight", "time_mix_first.weight",
+                   "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight",
+                   "time_mix_lerp_fused.weight")
 BASE_TYPE = LlamaType.Q8_0  # the quantize script's base type: quantized, so that per-tensor overrides are honoured
 
 

@@ -9,7 +9,8 @@ One rule for every score, so that scores can be compared at equal size:
 The result never exceeds the budget and misses it by less than the cheapest remaining lift.
 GGUF ladder: Q4_K, Q5_K, Q6_K, Q8_0, F16; where K-quant blocks (256) do not divide a row the
 legacy type of the same size is used (Q4_0, Q5_0) and Q6_K, which has none, is skipped.
-bitsandbytes ladder: nf4, int8, fp16, over the matrices it can replace (nn.Linear in blocks).
+bitsandbytes ladder: nf4, int8, fp16, over the matrices it can replace (nn.Linear in blocks; not
+the embedding, the head or a stack of MoE experts).
 The thresholds and block entropies of the threshold rule are recorded in every plan; here a
 block's precision is the bitsandbytes precision that holds most of its parameters.
 """
@@ -105,7 +106,7 @@ def decide(tensors: list[TensorEntry], params: PlanParams, scores: Scores) -> De
             continue
         t.reason, t.rank_score = Reason.budget(params.score), scores.rank[t.hf_name]
         gguf_ranked.append(t)
-        if t.is_embedding_or_head:
+        if not t.is_bnb_linear:
             t.precision = Precision.FP16  # bitsandbytes replaces nn.Linear only
             bnb_fixed += t.numel * 16
         else:

@@ -1,7 +1,8 @@
 """Building a plan from a model directory, in four steps: read, score, decide, (the caller) write.
 
     name    every tensor's GGUF name, from llama.cpp's converter (llamacpp.names); a plan whose
-            matrices cannot all be named is refused: its quantize script would not reach them
+            matrices cannot all be named is refused: its quantize script would not reach them.
+            MoE experts stacked into one GGUF tensor are one entry (ewq.experts)
     read    every floating-point tensor once, memory-mapped, one at a time (weights.iter_tensors):
             its statistics and entropy (entropy.py); a scorer measures what it needs meanwhile
     score   every matrix that no keep-rule holds (scores.py)
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .. import weights
+from .. import experts, weights
 from ..console import log, progress
 from ..errors import UserError
 from ..llamacpp.names import gguf_names
@@ -34,42 +35,66 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo]) -> dict[str, str | None]:
-    """hf name -> GGUF name of every tensor; a UserError if a matrix has none."""
-    arch, names = gguf_names(files.config, [info.name for info in infos])
+    """hf name -> GGUF name of every tensor (an expert's matrix: its stack's, ewq.experts); a UserError
+    if a matrix has none."""
+    asked = {info.name: experts.stack_name(info.name) or info.name for info in infos}
+    arch, names = gguf_names(files.config, sorted(set(asked.values())))
     classes = files.config.get("architectures")
     if arch is None:
         raise UserError(f"llama.cpp's converter does not know {classes} (model {files.root}): no GGUF file, "
                         "so no plan for one")
-    unnamed = [info.name for info in infos if len(info.shape) == 2 and names.get(info.name) is None]
+    named = {name: names.get(asked[name]) for name in asked}
+    fused = [info for info in infos if len(info.shape) >= 3 and ".experts." in info.name]
+    if fused:
+        raise UserError(f"{files.root} stores its MoE experts already fused ({fused[0].name}, {list(fused[0].shape)}): "
+                        "a plan follows one matrix per expert (ewq.experts), not this layout yet")
+    unnamed = [info.name for info in infos if len(info.shape) == 2 and named[info.name] is None]
     if unnamed:
         raise UserError(f"{len(unnamed)} matrices of {files.root} ({arch}) have no GGUF name of their own, e.g. "
                         f"{unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot follow yet")
-    return names
+    return named
 
 
 def read_entries(files: weights.ModelFiles, bins: int,
                  on_tensor: Callable[[TensorEntry, torch.Tensor], None] | None = None) -> list[TensorEntry]:
-    """One TensorEntry per floating-point tensor, with entropy and statistics; `on_tensor` sees
-    each entry with its values while they are in memory (the only read of the weights)."""
+    """One TensorEntry per floating-point tensor, or per stack of MoE experts (their matrices stacked
+    as llama.cpp does), with entropy and statistics; `on_tensor` sees each entry with its values
+    while they are in memory (the only read of the weights)."""
     infos = [t for t in weights.list_tensors(files) if t.dtype in FLOAT_DTYPES]
     names = name_tensors(files, infos)
+    stacks = experts.stacks([info.name for info in infos])
+    stack_of = {member: stack for stack, members in stacks.items() for member in members}
+    # members of a stack next to each other, in expert order, so that one stack at a time is held
+    position = {info.name: i for i, info in enumerate(infos)}
+    infos.sort(key=lambda info: (position[stacks[stack_of[info.name]][0]], experts.expert_index(info.name))
+               if info.name in stack_of else (position[info.name], 0))
+    held: dict[str, list[torch.Tensor]] = {}
     entries = []
     for info, tensor in progress(weights.iter_tensors(infos), total=len(infos), desc="entropy", unit="tensor"):
+        name, shape = info.name, list(info.shape)
+        stack = stack_of.get(name)
+        if stack is not None:
+            held.setdefault(stack, []).append(tensor)
+            if len(held[stack]) < len(stacks[stack]):
+                continue
+            tensor = torch.stack(held.pop(stack))
+            name, shape = stack, [len(stacks[stack]), *shape]
         try:
             stats = tensor_stats(tensor, bins)
         except ValueError as error:
-            raise UserError(f"tensor {info.name} of {files.root}: {error}") from None
+            raise UserError(f"tensor {name} of {files.root}: {error}") from None
         entries.append(TensorEntry(
-            hf_name=info.name,
+            hf_name=name,
             gguf_name=names.get(info.name),
-            block=block_index(info.name),
-            shape=list(info.shape),
+            block=block_index(name),
+            shape=shape,
             dtype=info.dtype,
             numel=stats.numel,
             entropy_bits=stats.entropy_bits,
             std=stats.std,
             max_abs_over_std=stats.max_abs_over_std,
             excess_kurtosis=stats.excess_kurtosis,
+            experts=stacks.get(stack) if stack else None,
         ))
         if on_tensor is not None:
             on_tensor(entries[-1], tensor)

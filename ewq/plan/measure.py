@@ -33,6 +33,7 @@ from .. import assets
 from ..console import log, progress
 from ..data import wiki
 from ..errors import UserError
+from ..experts import ModelTensors
 from ..llamacpp.quantizers import ImportanceMatrix, round_trip
 from ..llamacpp.types import LlamaType
 from ..results.io import ensure_writable_dir, write_json_atomic
@@ -139,13 +140,18 @@ def groups_for(entries: list[TensorEntry], band: int | None) -> list[Group]:
 
 def swap_in_round_trip(model: torch.nn.Module, entry: TensorEntry, llama_type: LlamaType,
                        imatrix: ImportanceMatrix | None) -> torch.Tensor:
-    """Replace the tensor's values in the model by their llama.cpp round trip; return the original values."""
-    param = model.get_parameter(entry.hf_name)
-    saved = param.data.clone()
+    """Replace the tensor's values in the model (a stack of experts: every expert's) by their llama.cpp
+    round trip; return the original values, for restore()."""
+    tensors = ModelTensors(model)
+    saved = tensors.values(entry)
     importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
     approx = round_trip(saved.float().cpu().numpy(), llama_type, importance)
-    param.data.copy_(torch.from_numpy(np.ascontiguousarray(approx)).to(param.dtype))
+    tensors.assign(entry, torch.from_numpy(np.ascontiguousarray(approx)))
     return saved
+
+
+def restore(model: torch.nn.Module, entry: TensorEntry, saved: torch.Tensor) -> None:
+    ModelTensors(model).assign(entry, saved)
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,7 @@ def measure(model: torch.nn.Module, groups: list[Group], reference_types: dict[s
     todo = [g for g in groups if g.name not in kld]
     unit = "tensor" if all(len(g.entries) == 1 for g in todo) else "group"
     for group in progress(todo, desc="sensitivity", unit=unit):
-        saved = {e.hf_name: swap_in_round_trip(model, e, reference_types[e.hf_name], imatrix) for e in group.entries}
+        saved = [(e, swap_in_round_trip(model, e, reference_types[e.hf_name], imatrix)) for e in group.entries]
         try:
             first = min(replay.first_block(e) for e in group.entries)
             per_window = []
@@ -208,8 +214,8 @@ def measure(model: torch.nn.Module, groups: list[Group], reference_types: dict[s
                 with replay.skipping(window, first):
                     per_window.append(mean_kld(reference, window_logits(model, tokens[window])))
         finally:
-            for name, values in saved.items():
-                model.get_parameter(name).data.copy_(values)
+            for entry, values in saved:
+                restore(model, entry, values)
         kld[group.name] = sum(per_window) / len(per_window)
         if on_group is not None:
             on_group(kld)

@@ -18,7 +18,7 @@ from enum import Enum
 from functools import cached_property
 from typing import Callable, Hashable, Iterable
 
-from ..llamacpp.types import VECTOR_TYPE, LlamaType, parse_type
+from ..llamacpp.types import NEVER_QUANTIZED, VECTOR_TYPE, LlamaType, parse_type
 
 SCHEMA_VERSION = 1
 
@@ -52,6 +52,7 @@ class Score(str, Enum):
 class Reason(str, Enum):
     """Why a tensor got its precision and type (the plan file's `reason`)."""
     VECTOR = "keep:vector"
+    LLAMA_CPP = "keep:llama.cpp"  # a matrix llama.cpp never quantizes (llamacpp.types.NEVER_QUANTIZED): F32
     EMBEDDING = "keep:embedding"
     LM_HEAD = "keep:lm_head"
     SMALL = "keep:small"
@@ -182,6 +183,9 @@ class TensorEntry:
     llama_type: LlamaType = LlamaType.F16
     reason: Reason | None = None  # set by the decision
     rank_score: float | None = None  # the score a size-budget plan ranked this tensor by
+    # a stack of MoE experts (ewq.experts): the checkpoint's per-expert matrices, in expert order,
+    # that llama.cpp stacks into this one tensor (shape [experts, out, in]); None for a tensor of its own
+    experts: list[str] | None = None
 
     def __post_init__(self):
         self.precision = Precision(self.precision)
@@ -190,7 +194,14 @@ class TensorEntry:
 
     @property
     def is_matrix(self) -> bool:
-        return len(self.shape) == 2
+        """A matrix, or a stack of expert matrices: what a plan quantizes."""
+        return len(self.shape) == 2 or bool(self.experts)
+
+    @property
+    def is_bnb_linear(self) -> bool:
+        """A matrix that bitsandbytes can hold: an nn.Linear weight (not the embedding or head, not a
+        stack of experts, which transformers fuses into 3-D parameters)."""
+        return self.is_matrix and not self.is_embedding_or_head and not self.experts
 
     @property
     def ncols(self) -> int:
@@ -209,8 +220,12 @@ class TensorEntry:
         return self.is_embedding or self.is_lm_head
 
     def to_json(self) -> dict:
-        return {**asdict(self), "precision": self.precision.value, "llama_type": self.llama_type.value,
-                "reason": self.reason.value if self.reason else ""}
+        """The plan file's entry; `experts` only on a stack, so that other plans keep their bytes."""
+        out = {**asdict(self), "precision": self.precision.value, "llama_type": self.llama_type.value,
+               "reason": self.reason.value if self.reason else ""}
+        if not self.experts:
+            del out["experts"]
+        return out
 
 
 @dataclass
@@ -283,6 +298,8 @@ def keep_reason(t: TensorEntry, params: PlanParams) -> Reason | None:
     """The keep-rule that holds `t` out of any decision (vectors in F32, the rest in F16), or None."""
     if not t.is_matrix:
         return Reason.VECTOR
+    if t.gguf_name and any(part in t.gguf_name for part in NEVER_QUANTIZED):
+        return Reason.LLAMA_CPP
     if params.keep_embeddings and t.is_embedding:
         return Reason.EMBEDDING
     if params.keep_lm_head and t.is_lm_head:
@@ -293,9 +310,9 @@ def keep_reason(t: TensorEntry, params: PlanParams) -> Reason | None:
 
 
 def keep(t: TensorEntry, reason: Reason) -> None:
-    """Apply a keep-rule: vectors stay in llama.cpp's F32, kept matrices in F16."""
+    """Apply a keep-rule: vectors and what llama.cpp never quantizes stay in its F32, kept matrices in F16."""
     t.precision, t.reason = Precision.FP16, reason
-    t.llama_type = VECTOR_TYPE if reason is Reason.VECTOR else LlamaType.F16
+    t.llama_type = VECTOR_TYPE if reason in (Reason.VECTOR, Reason.LLAMA_CPP) else LlamaType.F16
 
 
 def llama_type_for(precision: Precision, t: TensorEntry) -> LlamaType:

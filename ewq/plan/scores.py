@@ -102,7 +102,7 @@ class KldScorer(Scorer):
         if entry.is_matrix and keep_reason(entry, self.params) is None:
             matrix = values.float()
             self.gguf_errors[entry.hf_name] = distortion.gguf_errors(entry, matrix.numpy(), self.imatrix)
-            if not entry.is_embedding_or_head:  # bitsandbytes replaces nn.Linear only
+            if entry.is_bnb_linear:
                 self.bnb_errors[entry.hf_name] = distortion.bnb_errors(entry, matrix, self.imatrix)
 
     def scores(self, ranked: list[TensorEntry]) -> Scores:
