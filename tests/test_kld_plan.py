@@ -1,5 +1,6 @@
 """Plans a GGUF file must follow: names from llama.cpp's converter, no silent failure, and the kld score
 end to end on tiny models (types and exact bytes read back from the quantized file)."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -186,15 +187,33 @@ def test_experts_already_fused_in_the_checkpoint_are_refused(tmp_path):
         create_plan(str(model), PlanParams())
 
 
+def test_a_matrix_the_converter_splits_is_refused_when_the_plan_is_made(tmp_path):
+    """DeepSeek-V3: the converter writes kv_b_proj as attn_k_b (transposed) and attn_v_b, per head; its
+    dry run (names and shapes, no data) says so before any file is made."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                              n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=64,
+                              kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1,
+                              topk_group=1, max_position_embeddings=128)
+    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "ds", safe_serialization=True)
+    result = run("create_quantization_plan.py", "--model", tmp_path / "ds", "--out-dir", tmp_path / "plans", check=False)
+    assert_usage_error(result, "kv_b_proj.weight [128, 64] of")
+    assert "blk.0.attn_k_b.weight [4, 64, 16], blk.0.attn_v_b.weight [4, 16, 64]" in result.stderr
+    assert not (tmp_path / "plans").exists()
+
+
 def test_a_matrix_the_converter_cannot_name_is_refused(tmp_path, monkeypatch):
     from ewq.plan import build
 
     tiny_llama(num_layers=1).save_pretrained(tmp_path / "m", safe_serialization=True)
     real = build.gguf_names
 
-    def without_one(config, names):
-        arch, named = real(config, names)
-        return arch, {**named, "model.layers.0.mlp.up_proj.weight": None}
+    def without_one(model_dir, config, names):
+        naming = real(model_dir, config, names)
+        return dataclasses.replace(naming, names={**naming.names, "model.layers.0.mlp.up_proj.weight": None})
 
     monkeypatch.setattr(build, "gguf_names", without_one)
     with pytest.raises(UserError, match="have no GGUF name of their own"):

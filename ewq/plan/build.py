@@ -18,7 +18,7 @@ import torch
 from .. import experts, weights
 from ..console import log, progress
 from ..errors import UserError
-from ..llamacpp.names import gguf_names
+from ..llamacpp.names import Naming, gguf_names
 from ..llamacpp.quantizers import ImportanceMatrix
 from . import budget, threshold
 from .entropy import tensor_stats
@@ -36,23 +36,48 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo]) -> dict[str, str | None]:
     """hf name -> GGUF name of every tensor (an expert's matrix: its stack's, ewq.experts); a UserError
-    if a matrix has none."""
+    if a matrix has none, or if the converter does not write it under that name and shape."""
     asked = {info.name: experts.stack_name(info.name) or info.name for info in infos}
-    arch, names = gguf_names(files.config, sorted(set(asked.values())))
+    naming = gguf_names(files.root, files.config, sorted(set(asked.values())))
     classes = files.config.get("architectures")
-    if arch is None:
+    if naming.arch is None:
         raise UserError(f"llama.cpp's converter does not know {classes} (model {files.root}): no GGUF file, "
                         "so no plan for one")
-    named = {name: names.get(asked[name]) for name in asked}
+    named = {name: naming.names.get(asked[name]) for name in asked}
     fused = [info for info in infos if len(info.shape) >= 3 and ".experts." in info.name]
     if fused:
         raise UserError(f"{files.root} stores its MoE experts already fused ({fused[0].name}, {list(fused[0].shape)}): "
                         "a plan follows one matrix per expert (ewq.experts), not this layout yet")
     unnamed = [info.name for info in infos if len(info.shape) == 2 and named[info.name] is None]
     if unnamed:
-        raise UserError(f"{len(unnamed)} matrices of {files.root} ({arch}) have no GGUF name of their own, e.g. "
-                        f"{unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot follow yet")
+        raise UserError(f"{len(unnamed)} matrices of {files.root} ({naming.arch}) have no GGUF name of their own, "
+                        f"e.g. {unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot "
+                        "follow yet")
+    check_written(files, infos, named, naming)
     return named
+
+
+def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], named: dict[str, str | None],
+                  naming: Naming) -> None:
+    """Every matrix is what the converter writes (its dry run): under its GGUF name, in its shape (a
+    stack of experts: [experts, out, in]), and not split into other tensors; else a UserError."""
+    if naming.written is None:
+        log(f"note: llama.cpp's converter could not be run dry on {files.root} ({naming.failure}); the GGUF names "
+            "come from its tensor map alone")
+        return
+    shapes = {name: shape for outputs in naming.written.values() for name, shape in outputs}
+    stacks = experts.stacks([info.name for info in infos])
+    for info in infos:
+        if len(info.shape) != 2:
+            continue
+        stack = experts.stack_name(info.name)
+        expected = (len(stacks[stack]), *info.shape) if stack else tuple(info.shape)
+        gguf_name, own = named[info.name], naming.written.get(info.name, [])
+        if shapes.get(gguf_name) != expected or any(name != gguf_name for name, _ in own if not stack):
+            writes = ", ".join(f"{name} {list(shape)}" for name, shape in own) or "nothing of its own"
+            raise UserError(f"{info.name} {list(info.shape)} of {files.root}: llama.cpp's converter writes {writes}, "
+                            f"not {gguf_name} {list(expected)}; a plan cannot follow a matrix that the converter "
+                            "splits, reshapes or drops yet")
 
 
 def read_entries(files: weights.ModelFiles, bins: int,
