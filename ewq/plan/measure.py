@@ -175,14 +175,17 @@ def mean_kld(reference: Reference, logits: torch.Tensor, rows: int = 64) -> floa
     With d = logits − reference logits and p the reference probabilities, exactly
         KL = Σ p·(expm1(d) − d) + log1p(S) − S,   S = Σ p·expm1(d),
     which keeps its precision when the perturbation is small (no difference of two log-softmaxes);
-    rows where expm1 overflows (a logit moved by > 88) fall back to the log-softmax form."""
+    rows where expm1 overflows (a logit moved by > 88) fall back to the log-softmax form. The sums
+    over the vocabulary run in float32 (torch's cascade summation), then S and KL in float64: within
+    3e-6 of float64 sums at KL 5e-7 on 512 × 49,152 logits, a third of the time (the KLD was 40% of a
+    measurement)."""
     total = 0.0
     for start in range(0, logits.shape[0], rows):
         p, ref, new = (x[start:start + rows] for x in (reference.probs, reference.logits, logits))
         d = new - ref
         e = torch.expm1(d)
-        s = (p * e).sum(dim=-1, dtype=torch.float64)
-        kl = (p * (e - d)).sum(dim=-1, dtype=torch.float64) + torch.log1p(s) - s
+        s = (p * e).sum(dim=-1).double()
+        kl = (p * (e - d)).sum(dim=-1).double() + torch.log1p(s) - s
         if not torch.isfinite(kl).all():
             kl = (p * (torch.log_softmax(ref, dim=-1) - torch.log_softmax(new, dim=-1))).sum(dim=-1, dtype=torch.float64)
         total += float(kl.sum())
