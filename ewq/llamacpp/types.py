@@ -58,6 +58,11 @@ NEVER_QUANTIZED = ("ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight",
 BASE_TYPE = LlamaType.Q8_0  # the quantize script's base type: quantized, so that per-tensor overrides are honoured
 
 
+def never_quantized(gguf_name: str | None) -> bool:
+    """Whether llama-quantize leaves this GGUF tensor as the converter wrote it (NEVER_QUANTIZED)."""
+    return bool(gguf_name) and any(part in gguf_name for part in NEVER_QUANTIZED)
+
+
 def parse_type(name: str) -> LlamaType:
     """'q4_k' or 'Q4_K' -> LlamaType.Q4_K; an unknown name is a UserError naming it."""
     try:

@@ -34,7 +34,8 @@ DECISIONS: dict[Rule, Callable[[list[TensorEntry], PlanParams, Scores], Decision
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo]) -> dict[str, str | None]:
+def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo],
+                 stacks: dict[str, list[str]]) -> dict[str, str | None]:
     """hf name -> GGUF name of every tensor (an expert's matrix: its stack's, ewq.experts); a UserError
     if a matrix has none, or if the converter does not write it under that name and shape."""
     asked = {info.name: experts.stack_name(info.name) or info.name for info in infos}
@@ -53,12 +54,12 @@ def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo]) -> 
         raise UserError(f"{len(unnamed)} matrices of {files.root} ({naming.arch}) have no GGUF name of their own, "
                         f"e.g. {unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot "
                         "follow yet")
-    check_written(files, infos, named, naming)
+    check_written(files, infos, stacks, named, naming)
     return named
 
 
-def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], named: dict[str, str | None],
-                  naming: Naming) -> None:
+def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], stacks: dict[str, list[str]],
+                  named: dict[str, str | None], naming: Naming) -> None:
     """Every matrix is what the converter writes (its dry run): under its GGUF name, in its shape (a
     stack of experts: [experts, out, in]), and not split into other tensors; else a UserError."""
     if naming.written is None:
@@ -66,7 +67,6 @@ def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], na
             "come from its tensor map alone")
         return
     shapes = {name: shape for outputs in naming.written.values() for name, shape in outputs}
-    stacks = experts.stacks([info.name for info in infos])
     for info in infos:
         if len(info.shape) != 2:
             continue
@@ -86,8 +86,8 @@ def read_entries(files: weights.ModelFiles, bins: int,
     as llama.cpp does), with entropy and statistics; `on_tensor` sees each entry with its values
     while they are in memory (the only read of the weights)."""
     infos = [t for t in weights.list_tensors(files) if t.dtype in FLOAT_DTYPES]
-    names = name_tensors(files, infos)
     stacks = experts.stacks([info.name for info in infos])
+    names = name_tensors(files, infos, stacks)
     stack_of = {member: stack for stack, members in stacks.items() for member in members}
     # members of a stack next to each other, in expert order, so that one stack at a time is held
     position = {info.name: i for i, info in enumerate(infos)}

@@ -18,7 +18,7 @@ from enum import Enum
 from functools import cached_property
 from typing import Callable, Hashable, Iterable
 
-from ..llamacpp.types import NEVER_QUANTIZED, VECTOR_TYPE, LlamaType, parse_type
+from ..llamacpp.types import VECTOR_TYPE, LlamaType, never_quantized, parse_type
 
 SCHEMA_VERSION = 1
 
@@ -52,7 +52,7 @@ class Score(str, Enum):
 class Reason(str, Enum):
     """Why a tensor got its precision and type (the plan file's `reason`)."""
     VECTOR = "keep:vector"
-    LLAMA_CPP = "keep:llama.cpp"  # a matrix llama.cpp never quantizes (llamacpp.types.NEVER_QUANTIZED): F32
+    LLAMA_CPP = "keep:llama.cpp"  # a matrix llama.cpp never quantizes (llamacpp.types.never_quantized): F32
     EMBEDDING = "keep:embedding"
     LM_HEAD = "keep:lm_head"
     SMALL = "keep:small"
@@ -298,7 +298,7 @@ def keep_reason(t: TensorEntry, params: PlanParams) -> Reason | None:
     """The keep-rule that holds `t` out of any decision (vectors in F32, the rest in F16), or None."""
     if not t.is_matrix:
         return Reason.VECTOR
-    if t.gguf_name and any(part in t.gguf_name for part in NEVER_QUANTIZED):
+    if never_quantized(t.gguf_name):
         return Reason.LLAMA_CPP
     if params.keep_embeddings and t.is_embedding:
         return Reason.EMBEDDING
