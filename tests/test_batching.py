@@ -56,6 +56,23 @@ def test_hf_batches_equal_the_full_forward_one_sequence_at_a_time(kind):
         assert torch.equal(got_letters.argmax(1), expected_letters.argmax(1))
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "cohere", "gemma2", "gpt_neox"])
+def test_batched_greedy_decoding_gives_the_tokens_of_one_request_at_a_time(kind):
+    """Left-padded batches (prompts of 1..30 tokens): the tokens of the timed batch-1 path, and each
+    one the argmax of a full forward over prompt + tokens so far (no cache, no padding)."""
+    model = tiny(kind)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 96, (n,), generator=generator).tolist() for n in (3, 17, 9, 30, 9, 1, 22)]
+    one_at_a_time = torch.tensor([backend(model, 1).generate_greedy(p, 12).tokens for p in prompts])
+    for batch_size in (3, None):
+        got = backend(model, batch_size).greedy_tokens(prompts, 12)
+        assert got.shape == (7, 12) and torch.equal(got, one_at_a_time)
+    with torch.inference_mode():
+        for prompt, tokens in zip(prompts, one_at_a_time.tolist()):
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+            assert logits.argmax(-1).tolist() == tokens
+
+
 def test_perplexity_kld_and_mmlu_equal_at_every_batch_size(tmp_path):
     """Per-window NLL, KLD, same-top-1 and every MMLU answer, batch 1 vs 3 vs 4 (KLD windows end
     inside a batch), against the reference recorded at batch 1."""
@@ -93,6 +110,11 @@ class RunsOutOfMemory(BigramBackend):
     def window_logprobs(self, windows, rows):
         return self.in_batches(windows, self._run(lambda batch: super(RunsOutOfMemory, self).window_logprobs(batch, rows)))
 
+    def greedy_tokens(self, prompts, max_new_tokens, decoded=None):
+        one = super(RunsOutOfMemory, self).greedy_tokens
+        return self.longest_first(prompts, self._run(lambda idx: one([prompts[i] for i in idx], max_new_tokens)),
+                                  "decode_batch_size")
+
     def _run(self, work):
         def run(batch):
             if len(batch) > 2:
@@ -107,6 +129,10 @@ def test_auto_batch_size_halves_on_out_of_memory_and_a_fixed_one_fails_in_one_li
     auto = RunsOutOfMemory()
     auto.batch_size, auto.auto_batch = 8, True
     assert torch.equal(auto.window_logprobs(windows, slice(2, 9)), expected) and auto.batch_size == 2
+    auto.decode_batch_size = 16  # decoding has a size of its own, halved on its own
+    prompts = [window[:n] for window, n in zip(windows, (3, 9, 1, 5, 7, 2, 4))]
+    assert torch.equal(auto.greedy_tokens(prompts, 5), BigramBackend().greedy_tokens(prompts, 5))
+    assert auto.decode_batch_size == 2 and auto.batch_size == 2
     fixed = RunsOutOfMemory()
     fixed.batch_size = 4
     with pytest.raises(UserError, match="out of memory at batch size 4"):

@@ -138,16 +138,29 @@ def test_mmlu_scores_the_letter_with_the_highest_log_probability():
         mmlu.evaluate(PrefersC(), Tok(), questions, prompts)
 
 
+class CountsRequests(BigramBackend):
+    calls = 0
+
+    def generate_greedy(self, prompt, max_new_tokens):
+        self.calls += 1
+        return super().generate_greedy(prompt, max_new_tokens)
+
+
 def test_generation_speed_and_quality_fields():
-    backend = BigramBackend(vocab=32)
-    requests = [Request(Task.CODE, "abc"), Request(Task.SUMMARIZATION, "defg", reference="some reference text")]
+    backend = CountsRequests(vocab=32)
+    requests = [Request(Task.CODE, "abc"), Request(Task.CODE, "xy"),
+                Request(Task.SUMMARIZATION, "defg", reference="some reference text")]
     prompts = [generation.prompt_tokens(Tok(), r) for r in requests]
-    result = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5)
-    assert result["n_requests"] == 2 and len(result["outputs"]) == 2
+    result = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5, timed_per_task=1)
+    assert result["n_requests"] == 3 and len(result["outputs"]) == 3
+    assert result["n_timed"] == 2 and result["prompt_tokens"]["n"] == 2  # the first code request, the summary
     assert result["decode_tokens_per_s"]["value"] == pytest.approx(4 / 0.004)
     assert result["ttft_s"]["p50"] == pytest.approx(0.01)
     assert result["summarization"]["bleu"]["n"] == 1
-    again = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5,
+    assert backend.calls == 1 + 2 + 1  # warm-up, the timed two, the third (the timed ones' tokens are reused)
+    expected = [generation.visible_text(Tok(), backend.generate_greedy(p, 5).tokens) for p in prompts]
+    assert [o["text"] for o in result["outputs"]] == expected
+    again = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5, timed_per_task=1,
                                 reference_outputs=[o["text"] for o in result["outputs"]])
     assert again["rougeL_vs_original"]["mean"] == pytest.approx(1.0) or all(not o["text"] for o in result["outputs"])
 

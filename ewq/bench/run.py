@@ -97,7 +97,8 @@ def _mmlu(ctx: Context, done: list, save: Callable[[list], None]) -> dict:
 def _generation(ctx: Context, done: list, save: Callable[[list], None]) -> dict:
     reference_outputs = ctx.reference.output_texts if ctx.reference is not None else None
     return generation.evaluate(ctx.backend, ctx.tokenizer, ctx.data.requests, ctx.data.request_prompts,
-                               ctx.data.settings.max_new_tokens, reference_outputs, done=done, on_progress=save)
+                               ctx.data.settings.max_new_tokens, ctx.data.settings.timed_per_task, reference_outputs,
+                               done=done, on_progress=save)
 
 
 def _describe(stage: Stage, data: EvalData) -> str:
@@ -108,7 +109,9 @@ def _describe(stage: Stage, data: EvalData) -> str:
                 f"{min(settings.kld_windows, n_windows)})")
     if stage is Stage.MMLU:
         return f"MMLU on {len(data.mmlu_sample)} questions ({settings.mmlu_shots}-shot)"
-    return f"{len(data.requests)} greedy generations of {settings.max_new_tokens} tokens"
+    n_timed = len(generation.timed_indices(data.requests, settings.timed_per_task))
+    return (f"{len(data.requests)} greedy generations of {settings.max_new_tokens} tokens, batched "
+            f"({n_timed} of them also timed one at a time)")
 
 
 STAGES: dict[Stage, Callable[[Context, list, Callable[[list], None]], dict]] = {

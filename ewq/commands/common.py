@@ -113,6 +113,9 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--summaries-from", help="'wiki' (offline, shipped), 'billsum' (hub), or a .parquet/.jsonl/.csv "
                                                 "table with billsum's columns text, summary")
     group.add_argument("--max-new-tokens", type=positive_int, help="greedy tokens per generation request")
+    group.add_argument("--timed-per-task", type=positive_int,
+                       help="generation requests of each task timed one at a time (speed, latency); every request "
+                            "is generated, batched, for text quality")
     group.add_argument("--seed", type=int, help="seed of the MMLU sample and exemplars")
 
 
@@ -122,8 +125,9 @@ def add_hf_engine_args(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("engine (how the model runs; recorded in the result's backend)")
     group.add_argument("--batch-size", type=batch_size, default="auto",
-                       help="sequences per forward pass for perplexity and MMLU, or auto: as large as fits, "
-                            "halved on out-of-memory (generation is always batch 1)")
+                       help="sequences per forward pass for perplexity and MMLU and per decoding step for the "
+                            "generated texts, or auto: a size per device and job, halved on out-of-memory "
+                            "(timed generation is always batch 1)")
     group.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                        help="compute dtype; auto: the checkpoint's dtype on GPU, float32 on CPU")
     group.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
