@@ -158,6 +158,18 @@ def test_generation_speed_and_quality_fields():
     assert result["ttft_s"]["p50"] == pytest.approx(0.01)
     assert result["summarization"]["bleu"]["n"] == 1
     assert backend.calls == 1 + 2 + 1  # warm-up, the timed two, the third (the timed ones' tokens are reused)
+    saved = []
+    generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5, timed_per_task=1,
+                        on_progress=lambda runs: saved.append(runs))
+    assert [run["request"] for run in saved[-1]] == [0, 2]
+    backend.calls = 0  # resumed after the first timed request; a checkpoint without indices decodes again
+    resumed = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5, timed_per_task=1,
+                                  done=saved[0])
+    assert backend.calls == 1 + 1 + 1 and resumed["outputs"] == result["outputs"]
+    old_layout = [{k: v for k, v in run.items() if k != "request"} for run in saved[-1]]
+    backend.calls = 0
+    generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5, timed_per_task=1, done=old_layout)
+    assert backend.calls == 1 + 2 + 1
     expected = [generation.visible_text(Tok(), backend.generate_greedy(p, 5).tokens) for p in prompts]
     assert [o["text"] for o in result["outputs"]] == expected
     again = generation.evaluate(backend, Tok(), requests, prompts, max_new_tokens=5, timed_per_task=1,

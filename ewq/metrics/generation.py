@@ -74,15 +74,20 @@ def evaluate(backend: Backend, tokenizer, requests: list[Request], prompts: list
              timed_per_task: int, reference_outputs: list[str] | None = None, done: Sequence[dict] = (),
              on_progress: Callable[[list[dict]], None] | None = None) -> dict:
     """`prompts[i]` holds the token ids of prompt_tokens() for `requests[i]`. `done` holds the timed
-    generations (as dicts) of the first timed requests from an interrupted run; `on_progress` gets
-    all timed generations after each one."""
+    generations of an interrupted run (dicts: the request's index and the Generation's fields), kept
+    while they are those of the first timed requests; `on_progress` gets all timed generations after
+    each one."""
     timed = timed_indices(requests, timed_per_task)
     backend.generate_greedy(prompts[timed[0]], WARMUP_TOKENS)  # first-call costs (allocations, kernels) stay out
-    runs = [Generation(**item) for item in done][:len(timed)]
+    runs: list[Generation] = []
+    for index, item in zip(timed, done):
+        if item.get("request") != index:  # not this run's (an older layout without indices): decode again
+            break
+        runs.append(Generation(**{k: v for k, v in item.items() if k != "request"}))
     for index in progress(timed[len(runs):], desc=f"generation, timed [{backend.name}]", unit="req"):
         runs.append(backend.generate_greedy(prompts[index], max_new_tokens))
         if on_progress is not None:
-            on_progress([asdict(r) for r in runs])
+            on_progress([{"request": i, **asdict(r)} for i, r in zip(timed, runs)])
     log(f"generation [{backend.name}]: {len(prompts)} requests, batches of up to {backend.decode_batch_size}")
     decoded = {index: run.tokens for index, run in zip(timed, runs)}
     tokens = backend.greedy_tokens(prompts, max_new_tokens, decoded)  # [requests, max_new_tokens]
