@@ -4,10 +4,10 @@
 
 On the full preset's requests (3 code, 3 math, 3 reasoning prompts and the offline summaries, 128
 new tokens), the original model in float32 on the CPU (or, with --plan, the plan applied through
-bitsandbytes as benchmark_ewq.py loads it):
-- before: every request generated one at a time and timed (what the stage did until now);
+bitsandbytes as benchmark_ewq.py loads it), in this order:
 - after: generation.evaluate() as the benchmarks run it: the first --timed-per-task requests of
   each task timed one at a time, then every request decoded in batches (HFBackend.greedy_tokens);
+- before (unless --no-before): every request generated one at a time and timed (the old stage);
 - the batched texts at each --decode-batch size.
 Printed: seconds of each, decode tokens/s of both timed sets, and how many requests give the same
 tokens batched as one at a time (all expected; differences would be floating-point near-ties).

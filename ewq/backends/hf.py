@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..results.record import WeightsReport
 from .base import Backend, Generation
 
-PAD_ID = 0  # right padding: never attended to by a real position, so any id will do
+PAD_ID = 0  # never attended to by a real position (after it, or masked), so any id will do
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # first sizes tried with --batch-size auto (measured on CPU: README). Scoring is compute-bound on CPU,
 # where batches gain little; decoding one token per sequence is bound by reading the weights, so
@@ -76,6 +76,19 @@ def load_tokenizer(model_dir):
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the tokenizer of {model_dir}: {str(error).splitlines()[0]}") from None
+
+
+def padded(batch: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [len(batch), longest] with PAD_ID after each sequence (or before it, `left`), and
+    the mask of real tokens (1) of the same shape."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), PAD_ID)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        real = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, real] = torch.tensor(sequence)
+        mask[row, real] = 1
+    return ids, mask
 
 
 def input_device(model) -> str:
@@ -146,9 +159,7 @@ class HFBackend(Backend):
 
         def run(indices: list[int]) -> torch.Tensor:
             batch = [prompts[i] for i in indices]
-            ids = torch.full((len(batch), len(batch[0])), PAD_ID)
-            for row, prompt in enumerate(batch):
-                ids[row, :len(prompt)] = torch.tensor(prompt)
+            ids, _ = padded(batch)
             last = torch.tensor([[len(prompt) - 1] for prompt in batch])
             logits = self._logits_at(ids.to(self.device), last, use_cache=False).logits[:, 0]
             return torch.log_softmax(logits.float(), dim=-1)[:, columns.to(logits.device)].cpu()
@@ -181,20 +192,14 @@ class HFBackend(Backend):
         hides the padding, position ids count real tokens only (0..n-1 for every prompt). Every
         prompt is decoded here (`decoded` is not used), so all texts come from one computation."""
         def run(indices: list[int]) -> torch.Tensor:
-            batch = [prompts[i] for i in indices]
-            width = len(batch[0])  # the longest: longest_first() sorts
-            ids = torch.full((len(batch), width), PAD_ID)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, prompt in enumerate(batch):
-                ids[row, width - len(prompt):] = torch.tensor(prompt)
-                mask[row, width - len(prompt):] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = (t.to(self.device) for t in padded([prompts[i] for i in indices], left=True))
+            n, width = ids.shape
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]
-            out = self._logits_at(ids, torch.full((len(batch), 1), width - 1), attention_mask=mask,
+            out = self._logits_at(ids, torch.full((n, 1), width - 1), attention_mask=mask,
                                   position_ids=positions, use_cache=True)
             tokens = [out.logits[:, -1].argmax(-1)]  # each [batch]
             for _ in range(max_new_tokens - 1):
-                mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 out = self.model(input_ids=tokens[-1][:, None].to(self.device), attention_mask=mask,
                                  position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
