@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from . import converted
 from .errors import UserError
 from .plan.model import block_index
 
@@ -91,13 +92,20 @@ class ModelTensors:
         return self.model.get_parameter(param_name).data[index]
 
     def values(self, entry) -> torch.Tensor:
-        """A copy of the entry's values: [out, in], or [experts, out, in] for a stack."""
+        """A copy of the entry's values: [out, in], [experts, out, in] for a stack, or a part's as written."""
+        if entry.source:
+            part, source = self._part(entry)
+            return part.of(source)
         if not entry.experts:
             return self.view(entry.hf_name, tuple(entry.shape)).clone()
         return torch.stack([self.view(member, tuple(entry.shape[1:])) for member in entry.experts])
 
     def assign(self, entry, values: torch.Tensor) -> None:
         """Write `values` (the shape of values()) into the model, cast to its dtype."""
+        if entry.source:
+            part, source = self._part(entry)
+            part.put(source, values)
+            return
         if not entry.experts:
             target = self.view(entry.hf_name, tuple(entry.shape))
             target.copy_(values.to(target.dtype))
@@ -105,6 +113,17 @@ class ModelTensors:
         for member, expert_values in zip(entry.experts, values):
             target = self.view(member, tuple(entry.shape[1:]))
             target.copy_(expert_values.to(target.dtype))
+
+    def _part(self, entry) -> tuple[converted.Part, torch.Tensor]:
+        """A part's index map (from the converter, run on the model's directory) and its source parameter."""
+        part = converted.model_parts(str(self.model.name_or_path)).get(entry.hf_name)
+        if part is None:
+            raise UserError(f"{entry.hf_name}: llama.cpp's converter does not write this part of {entry.source} "
+                            f"for the model in {self.model.name_or_path}")
+        source = self.view(entry.source, part.source_shape)
+        if not source.is_contiguous():
+            raise UserError(f"{entry.source} is not contiguous in {type(self.model).__name__}")
+        return part, source
 
     def _fused_parameters(self) -> dict[tuple[int, str], str]:
         """(block, fused name) -> parameter name, for every 3-D parameter of an `experts` module."""

@@ -5,9 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import assert_usage_error, run, tiny_llama
 from ewq import assets
@@ -176,33 +177,160 @@ def test_an_architecture_the_converter_does_not_know_is_refused(tmp_path):
         create_plan(str(model), PlanParams())
 
 
-def test_experts_already_fused_in_the_checkpoint_are_refused(tmp_path):
-    model = tmp_path / "fused"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-                                                   "num_hidden_layers": 1}))
-    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 64, 32),
-               "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, str(model / "model.safetensors"))
-    with pytest.raises(UserError, match=r"already fused \(model.layers.0.mlp.experts.gate_up_proj, \[4, 64, 32\]\)"):
-        create_plan(str(model), PlanParams())
+def without_index_maps(monkeypatch):
+    """The naming as if the converter computed every rearranged tensor anew (no index maps)."""
+    from ewq.plan import build
+
+    real = build.gguf_names
+
+    def stripped(model_dir, config, names):
+        naming = real(model_dir, config, names)
+        written = {hf: [output._replace(index=None) for output in outputs] for hf, outputs in naming.written.items()}
+        return dataclasses.replace(naming, written=written)
+
+    monkeypatch.setattr(build, "gguf_names", stripped)
 
 
-def test_a_matrix_the_converter_splits_is_refused_when_the_plan_is_made(tmp_path):
-    """DeepSeek-V3: the converter writes kv_b_proj as attn_k_b (transposed) and attn_v_b, per head; its
-    dry run (names and shapes, no data) says so before any file is made."""
+def fused_checkpoint(per_expert: Path, path: Path) -> Path:
+    """The same model with each block's experts fused as transformers 5 holds them: gate_up_proj
+    [experts, 2·ff, hidden] (the gates' rows first), down_proj [experts, hidden, ff]."""
+    from ewq import experts
+
+    shutil.copytree(per_expert, path)
+    tensors = load_file(path / "model.safetensors")
+    for stack, members in experts.stacks(list(tensors)).items():
+        prefix, proj = stack.removesuffix(".weight").rsplit(".", 1)
+        stacked = torch.stack([tensors.pop(member) for member in members])
+        tensors[f"{prefix}.{proj}"] = stacked
+    for prefix in {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".gate_proj")}:
+        tensors[f"{prefix}.gate_up_proj"] = torch.cat([tensors.pop(f"{prefix}.gate_proj"),
+                                                      tensors.pop(f"{prefix}.up_proj")], dim=1)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_experts_fused_in_the_checkpoint_are_planned_as_the_converter_splits_them(tmp_path, monkeypatch):
+    """Qwen3-MoE with its experts fused in the checkpoint: the converter splits gate_up_proj into
+    ffn_gate_exps and ffn_up_exps; the plan follows (parts, ewq.converted) and equals, tensor for tensor,
+    the plan of the same weights stored one matrix per expert."""
+    per_expert = tiny_moe(tmp_path / "per-expert")
+    fused = fused_checkpoint(per_expert, tmp_path / "fused")
+    params = PlanParams(entropy_factor=0.3, fp16_factor=0.8)
+    reference = {t.gguf_name: t for t in create_plan(str(per_expert), params).tensors}
+    plan = create_plan(str(fused), params)
+    parts = [t for t in plan.tensors if t.source]
+    assert len(parts) == 6 and {t.source.rsplit(".", 1)[-1] for t in parts} == {"gate_up_proj", "down_proj"}
+    for t in plan.tensors:
+        twin = reference[t.gguf_name]
+        assert (t.shape, t.numel, t.llama_type, t.entropy_bits) == (twin.shape, twin.numel, twin.llama_type,
+                                                                    twin.entropy_bits), t.gguf_name
+    read_back = quantize_and_read_back(plan, tmp_path / "plans", fused, tmp_path)
+    assert read_back["check"]["matches_plan"] and read_back["check"]["tensors_checked"] == len(plan.tensors)
+    without_index_maps(monkeypatch)
+    with pytest.raises(UserError, match=r"already fused \(model.layers.0.mlp.experts.down_proj, \[4, 256, 256\]\)"):
+        create_plan(str(fused), params)
+
+
+def assert_parts_are_what_the_converter_writes(plan, model_dir: Path, f16: Path) -> None:
+    """Every part's values, picked from the checkpoint by its index map, equal the converter's F16 file."""
+    from gguf import GGUFReader
+
+    from ewq import converted
+
+    written = {t.name: np.asarray(t.data) for t in GGUFReader(f16).tensors}
+    checkpoint = load_file(model_dir / "model.safetensors")
+    index = converted.model_parts(str(model_dir))
+    parts = [t for t in plan.tensors if t.source and t.is_matrix]
+    assert parts
+    for t in parts:
+        values = index[t.hf_name].of(checkpoint[t.source])
+        assert list(values.shape) == t.shape and np.array_equal(values.half().numpy(), written[t.gguf_name]), t.hf_name
+
+
+def test_gpt_oss_experts_fused_and_interleaved_are_planned_as_written(tmp_path):
+    """GPT-OSS in bf16: gate_up_proj [experts, hidden, 2·ff] with gate and up interleaved column by column,
+    which the converter transposes and splits into ffn_gate_exps / ffn_up_exps; its per-expert biases
+    ([experts, out], 2-D) stay vectors in F32."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=49152, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=256)
+    model_dir = with_tokenizer(GptOssForCausalLM(config).eval(), tmp_path / "oss")
+    plan = create_plan(str(model_dir), PlanParams(entropy_factor=0.3, fp16_factor=0.8))
+    matrices = {t.gguf_name: t for t in plan.tensors if t.source and t.is_matrix}
+    assert sorted(matrices) == [f"blk.{b}.ffn_{kind}_exps.weight" for b in (0, 1) for kind in ("down", "gate", "up")]
+    assert all(t.shape == [4, 64, 64] for t in matrices.values())
+    biases = [t for t in plan.tensors if "proj_bias" in t.hf_name]
+    assert biases and all(not t.is_matrix and t.llama_type.value == "F32" for t in biases)
+    read_back = quantize_and_read_back(plan, tmp_path / "plans", model_dir, tmp_path)
+    assert read_back["check"]["matches_plan"] and read_back["check"]["tensors_checked"] == len(
+        [t for t in plan.tensors if t.gguf_name])
+    assert_parts_are_what_the_converter_writes(plan, model_dir, tmp_path / "f16.gguf")
+
+
+def tiny_deepseek(path: Path) -> Path:
+    """DeepSeek-V3 (MLA: kv_b_proj per head; MoE in its second block), rows of 32 and 64."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+    config = DeepseekV3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
                               n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=64,
-                              kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1,
-                              topk_group=1, max_position_embeddings=128)
-    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "ds", safe_serialization=True)
-    result = run("create_quantization_plan.py", "--model", tmp_path / "ds", "--out-dir", tmp_path / "plans", check=False)
-    assert_usage_error(result, "kv_b_proj.weight [128, 64] of")
-    assert "blk.0.attn_k_b.weight [4, 64, 16], blk.0.attn_v_b.weight [4, 16, 64]" in result.stderr
-    assert not (tmp_path / "plans").exists()
+                              kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=1,
+                              topk_group=1, max_position_embeddings=256, tie_word_embeddings=True)
+    return with_tokenizer(DeepseekV3ForCausalLM(config).eval(), path)
+
+
+def test_a_matrix_the_converter_splits_is_planned_as_written_and_measured_in_place(tmp_path, monkeypatch):
+    """DeepSeek-V3: the converter writes kv_b_proj [heads·(nope+v), rank] as attn_k_b [heads, rank, nope]
+    (transposed per head) and attn_v_b [heads, v, rank]. The plan has one entry per written tensor whose
+    values are the converter's (F16 file), the file follows the plan, and a kld plan measures each part
+    in its place in the Hugging Face model (and leaves the model as it was)."""
+    from transformers import AutoModelForCausalLM
+
+    from ewq import converted
+    from ewq.experts import ModelTensors
+    from ewq.plan.files import load_plan
+
+    model_dir = tiny_deepseek(tmp_path / "ds")
+    plan = create_plan(str(model_dir), PlanParams(entropy_factor=0.3, fp16_factor=0.8))
+    parts = {t.gguf_name: t for t in plan.tensors if t.source}
+    assert sorted(parts) == [f"blk.{b}.attn_{kind}_b.weight" for b in (0, 1) for kind in "kv"]
+    assert parts["blk.0.attn_k_b.weight"].shape == [4, 64, 32] and parts["blk.0.attn_v_b.weight"].shape == [4, 32, 64]
+    assert all(t.source == f"model.layers.{t.block}.self_attn.kv_b_proj.weight" and t.is_matrix
+               and not t.is_bnb_linear for t in parts.values())
+    assert not any(t.hf_name == t.source for t in plan.tensors)
+    read_back = quantize_and_read_back(plan, tmp_path / "plans", model_dir, tmp_path)
+    assert read_back["check"]["matches_plan"] and read_back["check"]["tensors_checked"] == len(
+        [t for t in plan.tensors if t.gguf_name])  # all but a vector (e_score_correction_bias) the map cannot name
+    assert_parts_are_what_the_converter_writes(plan, model_dir, tmp_path / "f16.gguf")
+    index = converted.model_parts(str(model_dir))
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    entry, tensors = parts["blk.1.attn_k_b.weight"], ModelTensors(model)
+    before = model.get_parameter(entry.source).detach().clone()
+    assert torch.equal(tensors.values(entry), index[entry.hf_name].of(before))
+    tensors.assign(entry, torch.zeros(entry.shape))
+    placed = torch.zeros(before.numel(), dtype=torch.bool)
+    placed[torch.from_numpy(index[entry.hf_name].index).long()] = True
+    after = model.get_parameter(entry.source).detach().reshape(-1)
+    assert placed.sum() == entry.numel < before.numel()
+    assert not after[placed].any() and torch.equal(after[~placed], before.reshape(-1)[~placed])
+
+    result = run("create_quantization_plan.py", "--model", model_dir, "--target-size", "2500000", "--score", "kld",
+                 "--no-keep-embeddings", "--no-keep-lm-head", "--calibration-windows", "1", "--calibration-context",
+                 "64", "--out-dir", tmp_path / "kld")
+    kld_plan = load_plan(Path(result.stdout.split()[0]))
+    assert all(t.rank_score > 0 for t in kld_plan.tensors if t.source)
+    read_back = quantize_and_read_back(kld_plan, tmp_path / "kld", model_dir, tmp_path / "kld")
+    assert read_back["check"]["matches_plan"] and read_back["report"].weight_bytes == kld_plan.budget["gguf"]["bytes"]
+
+    without_index_maps(monkeypatch)  # a matrix whose values the converter computed would be refused
+    with pytest.raises(UserError, match=r"kv_b_proj.weight \[256, 64\] of .*writes blk.0.attn_k_b.weight \[4, 64, 32\], "
+                                        r"blk.0.attn_v_b.weight \[4, 32, 64\]"):
+        create_plan(str(model_dir), PlanParams())
 
 
 def test_a_matrix_the_converter_cannot_name_is_refused(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
     name    every tensor's GGUF name, from llama.cpp's converter (llamacpp.names); a plan whose
             matrices cannot all be named is refused: its quantize script would not reach them.
-            MoE experts stacked into one GGUF tensor are one entry (ewq.experts)
+            MoE experts stacked into one GGUF tensor are one entry (ewq.experts); a matrix the
+            converter rearranges is one entry per tensor it writes (ewq.converted)
     read    every floating-point tensor once, memory-mapped, one at a time (weights.iter_tensors):
             its statistics and entropy (entropy.py); a scorer measures what it needs meanwhile
     score   every matrix that no keep-rule holds (scores.py)
@@ -15,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .. import experts, weights
+from .. import converted, experts, weights
 from ..console import log, progress
 from ..errors import UserError
 from ..llamacpp.names import Naming, gguf_names
@@ -35,9 +36,10 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo],
-                 stacks: dict[str, list[str]]) -> dict[str, str | None]:
-    """hf name -> GGUF name of every tensor (an expert's matrix: its stack's, ewq.experts); a UserError
-    if a matrix has none, or if the converter does not write it under that name and shape."""
+                 stacks: dict[str, list[str]]) -> tuple[dict[str, str | None], dict[str, list[converted.Part]]]:
+    """(hf name -> GGUF name of every tensor (an expert's matrix: its stack's, ewq.experts), checkpoint
+    matrix -> its parts for every matrix the converter rearranges (ewq.converted)); a UserError if a
+    matrix has no name, or if the converter writes it neither under that name and shape nor rearranged."""
     asked = {info.name: experts.stack_name(info.name) or info.name for info in infos}
     naming = gguf_names(files.root, files.config, sorted(set(asked.values())))
     classes = files.config.get("architectures")
@@ -45,49 +47,70 @@ def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo],
         raise UserError(f"llama.cpp's converter does not know {classes} (model {files.root}): no GGUF file, "
                         "so no plan for one")
     named = {name: naming.names.get(asked[name]) for name in asked}
-    fused = [info for info in infos if len(info.shape) >= 3 and ".experts." in info.name]
+    parts = converted.parts_of(naming, {info.name: info.shape for info in infos})
+    # biases the converter writes under names of its own (GPT-OSS's per-expert [experts, out] ones)
+    biases = {name for name, outputs in (naming.written or {}).items()
+              if outputs and all(output.name.endswith(".bias") for output in outputs)}
+    for name in biases - set(parts):
+        named[name] = naming.written[name][0].name if len(naming.written[name]) == 1 else named[name]
+    planned = set(parts) | biases  # not checked against the map below
+    fused = [info for info in infos if len(info.shape) >= 3 and ".experts." in info.name and info.name not in planned]
     if fused:
-        raise UserError(f"{files.root} stores its MoE experts already fused ({fused[0].name}, {list(fused[0].shape)}): "
-                        "a plan follows one matrix per expert (ewq.experts), not this layout yet")
-    unnamed = [info.name for info in infos if len(info.shape) == 2 and named[info.name] is None]
+        raise UserError(f"{files.root} stores its MoE experts already fused ({fused[0].name}, {list(fused[0].shape)}) "
+                        "and llama.cpp's converter does not only rearrange them: a plan cannot follow this layout yet")
+    unnamed = [info.name for info in infos if len(info.shape) == 2 and named[info.name] is None
+               and info.name not in planned]
     if unnamed:
         raise UserError(f"{len(unnamed)} matrices of {files.root} ({naming.arch}) have no GGUF name of their own, "
                         f"e.g. {unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot "
                         "follow yet")
-    check_written(files, infos, stacks, named, naming)
-    return named
+    check_written(files, [info for info in infos if info.name not in planned], stacks, named, naming)
+    return named, parts
 
 
 def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], stacks: dict[str, list[str]],
                   named: dict[str, str | None], naming: Naming) -> None:
     """Every matrix is what the converter writes (its dry run): under its GGUF name, in its shape (a
-    stack of experts: [experts, out, in]), and not split into other tensors; else a UserError."""
+    stack of experts: [experts, out, in]); else a UserError."""
     if naming.written is None:
         log(f"note: llama.cpp's converter could not be run dry on {files.root} ({naming.failure}); the GGUF names "
             "come from its tensor map alone")
         return
-    shapes = {name: shape for outputs in naming.written.values() for name, shape in outputs}
+    shapes = {output.name: output.shape for outputs in naming.written.values() for output in outputs}
     for info in infos:
         if len(info.shape) != 2:
             continue
         stack = experts.stack_name(info.name)
         expected = (len(stacks[stack]), *info.shape) if stack else tuple(info.shape)
         gguf_name, own = named[info.name], naming.written.get(info.name, [])
-        if shapes.get(gguf_name) != expected or any(name != gguf_name for name, _ in own if not stack):
-            writes = ", ".join(f"{name} {list(shape)}" for name, shape in own) or "nothing of its own"
+        if shapes.get(gguf_name) != expected or any(output.name != gguf_name for output in own if not stack):
+            writes = ", ".join(f"{output.name} {list(output.shape)}" for output in own) or "nothing of its own"
             raise UserError(f"{info.name} {list(info.shape)} of {files.root}: llama.cpp's converter writes {writes}, "
                             f"not {gguf_name} {list(expected)}; a plan cannot follow a matrix that the converter "
-                            "splits, reshapes or drops yet")
+                            "computes anew, renames or drops")
+
+
+def new_entry(name: str, gguf_name: str | None, shape: list[int], dtype: str, values: torch.Tensor, bins: int,
+              files: weights.ModelFiles, **extra) -> TensorEntry:
+    """An entry with the entropy and statistics of its values (`extra`: experts or source)."""
+    try:
+        stats = tensor_stats(values, bins)
+    except ValueError as error:
+        raise UserError(f"tensor {name} of {files.root}: {error}") from None
+    return TensorEntry(hf_name=name, gguf_name=gguf_name, block=block_index(name), shape=shape, dtype=dtype,
+                       numel=stats.numel, entropy_bits=stats.entropy_bits, std=stats.std,
+                       max_abs_over_std=stats.max_abs_over_std, excess_kurtosis=stats.excess_kurtosis, **extra)
 
 
 def read_entries(files: weights.ModelFiles, bins: int,
                  on_tensor: Callable[[TensorEntry, torch.Tensor], None] | None = None) -> list[TensorEntry]:
-    """One TensorEntry per floating-point tensor, or per stack of MoE experts (their matrices stacked
-    as llama.cpp does), with entropy and statistics; `on_tensor` sees each entry with its values
-    while they are in memory (the only read of the weights)."""
+    """One TensorEntry per floating-point tensor, per stack of MoE experts (their matrices stacked as
+    llama.cpp does) or per part of a matrix the converter rearranges (the part as written), with
+    entropy and statistics; `on_tensor` sees each entry with its values while they are in memory
+    (the only read of the weights)."""
     infos = [t for t in weights.list_tensors(files) if t.dtype in FLOAT_DTYPES]
     stacks = experts.stacks([info.name for info in infos])
-    names = name_tensors(files, infos, stacks)
+    names, parts = name_tensors(files, infos, stacks)
     stack_of = {member: stack for stack, members in stacks.items() for member in members}
     # members of a stack next to each other, in expert order, so that one stack at a time is held
     position = {info.name: i for i, info in enumerate(infos)}
@@ -95,8 +118,20 @@ def read_entries(files: weights.ModelFiles, bins: int,
                if info.name in stack_of else (position[info.name], 0))
     held: dict[str, list[torch.Tensor]] = {}
     entries = []
+
+    def add(entry: TensorEntry, values: torch.Tensor) -> None:
+        entries.append(entry)
+        if on_tensor is not None:
+            on_tensor(entry, values)
+
     for info, tensor in progress(weights.iter_tensors(infos), total=len(infos), desc="entropy", unit="tensor"):
         name, shape = info.name, list(info.shape)
+        if name in parts:
+            for part in parts[name]:
+                values = part.of(tensor)
+                add(new_entry(part.name, part.gguf_name, list(part.shape), info.dtype, values, bins, files,
+                              source=name), values)
+            continue
         stack = stack_of.get(name)
         if stack is not None:
             held.setdefault(stack, []).append(tensor)
@@ -104,25 +139,8 @@ def read_entries(files: weights.ModelFiles, bins: int,
                 continue
             tensor = torch.stack(held.pop(stack))
             name, shape = stack, [len(stacks[stack]), *shape]
-        try:
-            stats = tensor_stats(tensor, bins)
-        except ValueError as error:
-            raise UserError(f"tensor {name} of {files.root}: {error}") from None
-        entries.append(TensorEntry(
-            hf_name=name,
-            gguf_name=names.get(info.name),
-            block=block_index(name),
-            shape=shape,
-            dtype=info.dtype,
-            numel=stats.numel,
-            entropy_bits=stats.entropy_bits,
-            std=stats.std,
-            max_abs_over_std=stats.max_abs_over_std,
-            excess_kurtosis=stats.excess_kurtosis,
-            experts=stacks.get(stack) if stack else None,
-        ))
-        if on_tensor is not None:
-            on_tensor(entries[-1], tensor)
+        add(new_entry(name, names.get(info.name), shape, info.dtype, tensor, bins, files,
+                      experts=stacks.get(stack) if stack else None), tensor)
         del tensor
     entries.sort(key=lambda e: (e.block is not None, e.block or 0, e.hf_name))
     return entries

@@ -186,6 +186,9 @@ class TensorEntry:
     # a stack of MoE experts (ewq.experts): the checkpoint's per-expert matrices, in expert order,
     # that llama.cpp stacks into this one tensor (shape [experts, out, in]); None for a tensor of its own
     experts: list[str] | None = None
+    # a part of a checkpoint matrix that llama.cpp's converter rearranges (ewq.converted): that
+    # matrix's name (hf_name is `<source>:<gguf_name>`, shape as written); None for a tensor of its own
+    source: str | None = None
 
     def __post_init__(self):
         self.precision = Precision(self.precision)
@@ -194,14 +197,17 @@ class TensorEntry:
 
     @property
     def is_matrix(self) -> bool:
-        """A matrix, or a stack of expert matrices: what a plan quantizes."""
-        return len(self.shape) == 2 or bool(self.experts)
+        """A matrix, a stack of expert matrices or a part of a rearranged one: what a plan quantizes
+        (not biases, which llama-quantize never quantizes, whatever their shape: per-expert ones are 2-D)."""
+        if (self.gguf_name or "").endswith(".bias"):
+            return False
+        return len(self.shape) == 2 or bool(self.experts) or (bool(self.source) and len(self.shape) >= 2)
 
     @property
     def is_bnb_linear(self) -> bool:
         """A matrix that bitsandbytes can hold: an nn.Linear weight (not the embedding or head, not a
-        stack of experts, which transformers fuses into 3-D parameters)."""
-        return self.is_matrix and not self.is_embedding_or_head and not self.experts
+        stack of experts, which transformers fuses into 3-D parameters, not a part of a matrix)."""
+        return self.is_matrix and not self.is_embedding_or_head and not self.experts and not self.source
 
     @property
     def ncols(self) -> int:
@@ -220,11 +226,13 @@ class TensorEntry:
         return self.is_embedding or self.is_lm_head
 
     def to_json(self) -> dict:
-        """The plan file's entry; `experts` only on a stack, so that other plans keep their bytes."""
+        """The plan file's entry; `experts` only on a stack and `source` only on a part, so that other
+        plans keep their bytes."""
         out = {**asdict(self), "precision": self.precision.value, "llama_type": self.llama_type.value,
                "reason": self.reason.value if self.reason else ""}
-        if not self.experts:
-            del out["experts"]
+        for optional in ("experts", "source"):
+            if not out[optional]:
+                del out[optional]
         return out
 
 
