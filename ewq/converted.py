@@ -13,7 +13,6 @@ quantizes. A matrix whose values the converter computes (not only moves) has no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,17 @@ class Part:
 
     def of(self, source: torch.Tensor) -> torch.Tensor:
         """The part's values [shape] from the source's [source_shape]."""
-        return source.reshape(-1)[torch.from_numpy(self.index).long()].reshape(self.shape)
+        return source.reshape(-1)[self._positions(source.device)].reshape(self.shape)
 
     def put(self, source: torch.Tensor, values: torch.Tensor) -> None:
         """Write the part's values back into their places in `source` (contiguous), cast to its dtype."""
-        source.view(-1)[torch.from_numpy(self.index).long().to(source.device)] = \
-            values.reshape(-1).to(device=source.device, dtype=source.dtype)
+        source.view(-1)[self._positions(source.device)] = values.reshape(-1).to(device=source.device,
+                                                                               dtype=source.dtype)
+
+    def _positions(self, device: torch.device) -> torch.Tensor:
+        # the map as it is (int32 below 2^31 elements: torch indexes with it directly), no copy on the host
+        index = torch.from_numpy(self.index)
+        return index if device.type == "cpu" else index.to(device)
 
 
 def parts_of(naming: Naming, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[Part]]:
@@ -55,13 +59,23 @@ def parts_of(naming: Naming, shapes: dict[str, tuple[int, ...]]) -> dict[str, li
     return out
 
 
-@lru_cache(maxsize=4)
-def model_parts(model_dir: str) -> dict[str, Part]:
-    """part name -> Part of every rearranged matrix of a model directory (the converter runs once per
-    process and directory)."""
+_KNOWN: dict[str, dict[str, Part]] = {}  # model directory (resolved) -> part name -> Part
+
+
+def remember(model_dir: str | Path, parts: dict[str, list[Part]]) -> None:
+    """Keep the parts a plan found (parts_of), so that measuring the plan in the loaded model does not
+    run the converter again."""
+    _KNOWN[str(Path(model_dir).resolve())] = {part.name: part for ps in parts.values() for part in ps}
+
+
+def model_parts(model_dir: str | Path) -> dict[str, Part]:
+    """part name -> Part of every rearranged matrix of a model directory: those remembered, or found
+    by running the converter (once per process and directory; e.g. a plan read from its file)."""
     from . import weights
 
-    files = weights.open_model(model_dir)
-    shapes = {info.name: info.shape for info in weights.list_tensors(files)}
-    naming = gguf_names(Path(files.root), files.config, [])
-    return {part.name: part for parts in parts_of(naming, shapes).values() for part in parts}
+    key = str(Path(model_dir).resolve())
+    if key not in _KNOWN:
+        files = weights.open_model(model_dir)
+        shapes = {info.name: info.shape for info in weights.list_tensors(files)}
+        remember(key, parts_of(gguf_names(Path(files.root), files.config, []), shapes))
+    return _KNOWN[key]

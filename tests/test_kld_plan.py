@@ -2,6 +2,7 @@
 end to end on tiny models (types and exact bytes read back from the quantized file)."""
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -247,17 +248,22 @@ def assert_parts_are_what_the_converter_writes(plan, model_dir: Path, f16: Path)
         assert list(values.shape) == t.shape and np.array_equal(values.half().numpy(), written[t.gguf_name]), t.hf_name
 
 
-def test_gpt_oss_experts_fused_and_interleaved_are_planned_as_written(tmp_path):
-    """GPT-OSS in bf16: gate_up_proj [experts, hidden, 2·ff] with gate and up interleaved column by column,
-    which the converter transposes and splits into ffn_gate_exps / ffn_up_exps; its per-expert biases
-    ([experts, out], 2-D) stay vectors in F32."""
+def tiny_gpt_oss(path: Path) -> Path:
+    """GPT-OSS in bf16 layout: 2 blocks of 4 experts, hidden 64."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
     config = GptOssConfig(vocab_size=49152, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                           num_experts_per_tok=2, max_position_embeddings=256)
-    model_dir = with_tokenizer(GptOssForCausalLM(config).eval(), tmp_path / "oss")
+    return with_tokenizer(GptOssForCausalLM(config).eval(), path)
+
+
+def test_gpt_oss_experts_fused_and_interleaved_are_planned_as_written(tmp_path):
+    """GPT-OSS in bf16: gate_up_proj [experts, hidden, 2·ff] with gate and up interleaved column by column,
+    which the converter transposes and splits into ffn_gate_exps / ffn_up_exps; its per-expert biases
+    ([experts, out], 2-D) stay vectors in F32."""
+    model_dir = tiny_gpt_oss(tmp_path / "oss")
     plan = create_plan(str(model_dir), PlanParams(entropy_factor=0.3, fp16_factor=0.8))
     matrices = {t.gguf_name: t for t in plan.tensors if t.source and t.is_matrix}
     assert sorted(matrices) == [f"blk.{b}.ffn_{kind}_exps.weight" for b in (0, 1) for kind in ("down", "gate", "up")]
@@ -268,6 +274,26 @@ def test_gpt_oss_experts_fused_and_interleaved_are_planned_as_written(tmp_path):
     assert read_back["check"]["matches_plan"] and read_back["check"]["tensors_checked"] == len(
         [t for t in plan.tensors if t.gguf_name])
     assert_parts_are_what_the_converter_writes(plan, model_dir, tmp_path / "f16.gguf")
+
+
+def test_experts_stored_in_mxfp4_are_refused_not_left_out(tmp_path):
+    """GPT-OSS as released: experts in MXFP4 (uint8 blocks and scales, quantization_config mxfp4). A plan
+    reads floats only; before, these matrices were left out of it and the plan claimed its budget."""
+    model_dir = tiny_gpt_oss(tmp_path / "oss")
+    tensors = load_file(model_dir / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, rows = tensors.pop(name).shape[0], 128 if name.endswith("gate_up_proj") else 64
+        tensors[f"{name}_blocks"] = torch.randint(0, 256, (experts, rows, 2, 16), dtype=torch.uint8)
+        tensors[f"{name}_scales"] = torch.randint(120, 130, (experts, rows, 2), dtype=torch.uint8)
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    config_file = model_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "quantization_config": {"quant_method": "mxfp4"}}))
+    result = run("create_quantization_plan.py", "--model", model_dir, "--out-dir", tmp_path / "plans", check=False)
+    assert_usage_error(result, "8 tensors of")
+    assert re.search(r"stored quantized \(quant_method mxfp4; e\.g\. model\.layers\.\d\.mlp\.experts\."
+                     r"(gate_up|down)_proj_(blocks|scales) U8", result.stderr), result.stderr
+    assert not (tmp_path / "plans").exists() or not any((tmp_path / "plans").iterdir())
 
 
 def tiny_deepseek(path: Path) -> Path:

@@ -35,17 +35,19 @@ DECISIONS: dict[Rule, Callable[[list[TensorEntry], PlanParams, Scores], Decision
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo],
-                 stacks: dict[str, list[str]]) -> tuple[dict[str, str | None], dict[str, list[converted.Part]]]:
-    """(hf name -> GGUF name of every tensor (an expert's matrix: its stack's, ewq.experts), checkpoint
-    matrix -> its parts for every matrix the converter rearranges (ewq.converted)); a UserError if a
-    matrix has no name, or if the converter writes it neither under that name and shape nor rearranged."""
+def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo], stacks: dict[str, list[str]],
+                 unread: list[weights.TensorInfo]) -> tuple[dict[str, str | None], dict[str, list[converted.Part]]]:
+    """(hf name -> GGUF name of every tensor of `infos` (an expert's matrix: its stack's, ewq.experts),
+    checkpoint matrix -> its parts for every matrix the converter rearranges (ewq.converted)); a
+    UserError if a matrix has no name, if the converter writes it neither under that name and shape
+    nor rearranged, or if a matrix is stored quantized (`unread`: the tensors that are not floats)."""
     asked = {info.name: experts.stack_name(info.name) or info.name for info in infos}
     naming = gguf_names(files.root, files.config, sorted(set(asked.values())))
     classes = files.config.get("architectures")
     if naming.arch is None:
         raise UserError(f"llama.cpp's converter does not know {classes} (model {files.root}): no GGUF file, "
                         "so no plan for one")
+    check_not_quantized(files, unread, naming)
     named = {name: naming.names.get(asked[name]) for name in asked}
     parts = converted.parts_of(naming, {info.name: info.shape for info in infos})
     # biases the converter writes under names of its own (GPT-OSS's per-expert [experts, out] ones)
@@ -65,7 +67,25 @@ def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo],
                         f"e.g. {unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot "
                         "follow yet")
     check_written(files, [info for info in infos if info.name not in planned], stacks, named, naming)
+    converted.remember(files.root, parts)
     return named, parts
+
+
+def check_not_quantized(files: weights.ModelFiles, unread: list[weights.TensorInfo], naming: Naming) -> None:
+    """A plan reads floating-point tensors only: a UserError if matrices are stored quantized (GPT-OSS's
+    MXFP4 experts, DeepSeek-V3's FP8, GPTQ's packed ints), rather than a plan that leaves them out.
+    Quantized means: not a float, not a mask (bool), at least 2-D, and the checkpoint declares a
+    quantization_config or the converter writes the tensor."""
+    method = next((config["quantization_config"].get("quant_method", "unnamed") for config in
+                   (files.config, files.config.get("text_config") or {})
+                   if isinstance(config.get("quantization_config"), dict)), None)
+    stored = [info for info in unread if len(info.shape) >= 2 and info.dtype != "BOOL"
+              and (method or (naming.written or {}).get(info.name))]
+    if stored:
+        first = stored[0]
+        raise UserError(f"{len(stored)} tensors of {files.root} are stored quantized (quant_method {method}; e.g. "
+                        f"{first.name} {first.dtype} {list(first.shape)}): a plan measures and quantizes weights in "
+                        "floating point; give it the bf16/fp16 checkpoint")
 
 
 def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], stacks: dict[str, list[str]],
@@ -108,9 +128,10 @@ def read_entries(files: weights.ModelFiles, bins: int,
     llama.cpp does) or per part of a matrix the converter rearranges (the part as written), with
     entropy and statistics; `on_tensor` sees each entry with its values while they are in memory
     (the only read of the weights)."""
-    infos = [t for t in weights.list_tensors(files) if t.dtype in FLOAT_DTYPES]
+    every = weights.list_tensors(files)
+    infos = [t for t in every if t.dtype in FLOAT_DTYPES]
     stacks = experts.stacks([info.name for info in infos])
-    names, parts = name_tensors(files, infos, stacks)
+    names, parts = name_tensors(files, infos, stacks, [t for t in every if t.dtype not in FLOAT_DTYPES])
     stack_of = {member: stack for stack, members in stacks.items() for member in members}
     # members of a stack next to each other, in expert order, so that one stack at a time is held
     position = {info.name: i for i, info in enumerate(infos)}
