@@ -38,7 +38,7 @@ def _drop_from_page_cache(paths: list[Path]) -> None:
 
 
 def weights_pass(model_dir: Path) -> None:
-    from ewq import weights
+    from ewq import experts, weights
     from ewq.metrics import memory
     from ewq.plan.build import name_tensors
     from ewq.plan.entropy import tensor_stats
@@ -60,7 +60,7 @@ def weights_pass(model_dir: Path) -> None:
         _drop_from_page_cache(files.weight_files)
         figures[name] = [_seconds(work)[0], _seconds(work)[0]]  # cold, then warm
     hashing, _ = _seconds(weights.model_hash, files)
-    naming, _ = _seconds(name_tensors, files, infos)
+    naming, _ = _seconds(name_tensors, files, infos, experts.stacks([info.name for info in infos]), [])
     read, stats = figures["minimal read"], figures["plan pass"]
     print(f"model {model_dir}: {len(infos)} tensors, {size / 1e9:.2f} GB in {len(files.weight_files)} file(s)")
     print(f"minimal read (each tensor read, its max taken): {read[0]:.2f} s cold, {read[1]:.2f} s warm (page cache)")

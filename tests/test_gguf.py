@@ -1,6 +1,5 @@
 """The GGUF half end to end: files built from source tools, plans proven, backends cross-checked."""
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ from conftest import ENV, ROOT, assert_usage_error, run
 from ewq import plan as plan_mod
 from ewq.backends import hf
 from ewq.errors import UserError
-from ewq.llamacpp import build as tools
 from ewq.llamacpp import files as gguf_files
 from ewq.metrics import perplexity, stats
 
@@ -101,31 +99,6 @@ def test_llamacpp_logits_only_where_needed_equal_logits_for_every_position(pipel
     assert generated == greedy
 
 
-def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int,
-                     kld_base: Path, write_base: bool) -> dict:
-    """llama.cpp's own perplexity (and KLD against a stored base) on a text file, parsed: the
-    independent measurement our figures are checked against."""
-    command = [tools.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", context,
-               "--chunks", chunks, "-t", threads, "--kl-divergence-base", kld_base]
-    if not write_base:
-        command.append("--kl-divergence")
-    result = gguf_files.run_tool(command, "llama-perplexity")
-    text = result.stdout + result.stderr
-    number = r"([-+0-9.eE]+)"
-    parsed: dict = {}
-    for key, pattern in {"ppl": rf"Mean PPL\(Q\)\s*:\s*{number}\s*±\s*{number}",
-                         "kld": rf"Mean\s+KLD:\s*{number}\s*±\s*{number}",
-                         "same_top1_pct": rf"Same top p:\s*{number}\s*±\s*{number}"}.items():
-        match = re.search(pattern, text)
-        if match:
-            parsed[key] = {"mean": float(match.group(1)), "se": float(match.group(2))}
-    if "ppl" not in parsed:  # writing the base prints the classic estimate only
-        match = re.search(rf"Final estimate: PPL = {number} \+/- {number}", text)
-        if match:
-            parsed["ppl"] = {"mean": float(match.group(1)), "se": float(match.group(2))}
-    return parsed
-
-
 def test_our_kld_and_ppl_agree_with_llama_perplexity(pipeline, tmp_path):
     """Same text, same context. llama-perplexity scores the second half of non-overlapping
     512-token chunks, which are our even windows (context = 2 * stride), puts a BOS first in each
@@ -148,8 +121,8 @@ def test_our_kld_and_ppl_agree_with_llama_perplexity(pipeline, tmp_path):
 
     for variant in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
         ours = pipeline["files"][variant]["metrics"]["perplexity"]
-        theirs = llama_perplexity(gguf_file(pipeline, variant), text, spec.context, chunks, threads,
-                                  base, write_base=variant == "gguf-f16")
+        theirs = gguf_files.llama_perplexity(gguf_file(pipeline, variant), text, spec.context, chunks, threads,
+                                             base, write_base=variant == "gguf-f16")
         our_ppl = math.exp(even_windows(ours["per_window_nll"]).mean)
         assert abs(theirs["ppl"]["mean"] / our_ppl - 1) < 0.03, (variant, theirs["ppl"], our_ppl)
         if variant == "gguf-f16":

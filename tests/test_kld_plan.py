@@ -359,6 +359,36 @@ def test_a_matrix_the_converter_splits_is_planned_as_written_and_measured_in_pla
         create_plan(str(model_dir), PlanParams())
 
 
+def test_a_split_matrix_is_quantized_with_llama_imatrix_rows_per_head_as_llama_quantize_does(tmp_path):
+    """llama-imatrix stores one flat vector [heads·cols] for DeepSeek's 3-D attn_k_b / attn_v_b (a plain
+    matmul, not experts); llama-quantize reads head h's row at h·cols. Our round trip with it equals the
+    file bit for bit (and without it does not: the importance changes the quantization)."""
+    from gguf import GGUFReader, quants
+
+    from ewq.commands.bench_gguf import calibration_file
+    from ewq.llamacpp import build as tools
+    from ewq.llamacpp.quantizers import ImportanceMatrix, round_trip
+    from ewq.llamacpp.types import LlamaType
+
+    f16 = gguf_files.convert_f16(tiny_deepseek(tmp_path / "ds"), tmp_path / "f16.gguf")
+    imatrix_file = gguf_files.build_imatrix(f16, calibration_file(tmp_path), tmp_path / "imatrix.gguf", 128, 4)
+    imatrix = ImportanceMatrix.load(imatrix_file)
+    assert imatrix.for_tensor("blk.0.attn_k_b.weight").shape == (4 * 32,)
+    planned = tmp_path / "q4_0.gguf"
+    gguf_files.run_tool([tools.tool("llama-quantize"), "--imatrix", imatrix_file, "--tensor-type", "attn_k_b=q4_0",
+                         "--tensor-type", "attn_v_b=q4_0", f16, planned, "Q8_0"], "quantize")
+    source = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(f16).tensors}
+    checked = 0
+    for t in GGUFReader(planned).tensors:
+        if t.name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            written = quants.dequantize(t.data, t.tensor_type).reshape(source[t.name].shape)
+            ours = round_trip(source[t.name], LlamaType.Q4_0, imatrix.for_tensor(t.name))
+            assert np.array_equal(written, ours), t.name
+            assert not np.array_equal(written, round_trip(source[t.name], LlamaType.Q4_0)), t.name
+            checked += 1
+    assert checked == 4
+
+
 def test_a_matrix_the_converter_cannot_name_is_refused(tmp_path, monkeypatch):
     from ewq.plan import build
 
@@ -555,3 +585,29 @@ def test_bands_of_layers_rank_the_default_models_tensors_like_measuring_each_alo
         predicted[band] = [alpha[name] * floor_error[name] for name in sorted(floor_error)]
     assert len(ranked) == 211 and len(measure.groups_for(ranked, 4)) == 57
     assert spearman(predicted[None], predicted[4]) >= 0.9
+
+
+@pytest.mark.parametrize("grid", ["Q4_1", "Q8_0"])
+def test_the_off_grid_stand_in_moves_each_weight_within_half_a_step_of_its_grid(grid):
+    """benchmarks/off_grid.py: a matrix on a llama.cpp grid (as the default model's are) is found on it and
+    quantizing it again costs nothing; moved off it by less than half a step per weight, it costs about
+    a quarter of a step per weight, as a trained model does."""
+    from benchmarks.off_grid import grid_step, off_grid
+    from ewq.llamacpp.quantizers import round_trip
+    from ewq.llamacpp.types import LlamaType
+
+    on_grid = torch.from_numpy(round_trip(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32),
+                                          LlamaType(grid)))
+    found, step = grid_step(on_grid)
+    assert found == grid
+    name, moved = off_grid(on_grid, torch.Generator().manual_seed(0))
+    distance = (moved - on_grid).reshape(-1, 32).abs()
+    assert name == grid and (distance <= step / 2 + 1e-7).all() and (distance > step / 100).float().mean() > 0.9
+    with pytest.raises(ValueError, match="neither"):
+        grid_step(moved)
+
+    def error_in_steps(matrix: torch.Tensor) -> float:  # mean |round trip - matrix| / step
+        approx = torch.from_numpy(round_trip(matrix.numpy(), LlamaType(grid)))
+        return float(((approx - matrix).reshape(-1, 32).abs() / step).mean())
+
+    assert error_in_steps(on_grid) == 0 and 0.15 < error_in_steps(moved) < 0.35

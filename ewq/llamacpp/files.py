@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -122,3 +123,28 @@ def quantize_with_plan(script: Path, f16: Path, target: Path, imatrix: Path | No
         extra = ["--imatrix", imatrix] if imatrix else []
         run_tool(["bash", script, f16, temp, *extra], "quantize with the EWQ plan", env=env)
     return target
+
+
+def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int,
+                     kld_base: Path, write_base: bool) -> dict:
+    """llama.cpp's own perplexity (and KLD against a stored base) on a text file, parsed: the
+    independent measurement our figures are checked against."""
+    command = [tools.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", context,
+               "--chunks", chunks, "-t", threads, "--kl-divergence-base", kld_base]
+    if not write_base:
+        command.append("--kl-divergence")
+    result = run_tool(command, "llama-perplexity")
+    text = result.stdout + result.stderr
+    number = r"([-+0-9.eE]+)"
+    parsed: dict = {}
+    for key, pattern in {"ppl": rf"Mean PPL\(Q\)\s*:\s*{number}\s*±\s*{number}",
+                         "kld": rf"Mean\s+KLD:\s*{number}\s*±\s*{number}",
+                         "same_top1_pct": rf"Same top p:\s*{number}\s*±\s*{number}"}.items():
+        match = re.search(pattern, text)
+        if match:
+            parsed[key] = {"mean": float(match.group(1)), "se": float(match.group(2))}
+    if "ppl" not in parsed:  # writing the base prints the classic estimate only
+        match = re.search(rf"Final estimate: PPL = {number} \+/- {number}", text)
+        if match:
+            parsed["ppl"] = {"mean": float(match.group(1)), "se": float(match.group(2))}
+    return parsed

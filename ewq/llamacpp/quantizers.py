@@ -64,17 +64,22 @@ def quantize(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | No
     return dst
 
 
-def _expert(imatrix: np.ndarray | None, expert: int) -> np.ndarray | None:
-    """Expert `expert`'s importance vector: its row of a per-expert [experts, cols] matrix."""
-    return imatrix[expert] if imatrix is not None and imatrix.ndim == 2 else imatrix
+def _slice(imatrix: np.ndarray | None, index: int, cols: int) -> np.ndarray | None:
+    """The importance vector of slice `index` of a 3-D weight [slices, rows, cols] (an expert, a head of
+    DeepSeek's attn_k_b): llama-quantize reads it at imatrix + index·cols, so a per-expert [experts,
+    cols] matrix and llama-imatrix's flat [slices·cols] vector for a 3-D weight in a plain matmul are
+    read alike; a vector of `cols` serves every slice."""
+    if imatrix is None or imatrix.size == cols:
+        return imatrix if imatrix is None else imatrix.reshape(cols)
+    return imatrix.reshape(-1, cols)[index]
 
 
 def round_trip(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """What llama.cpp's kernels see after quantizing `matrix` to `llama_type`, as float32. A stack of
-    experts [experts, rows, cols] is quantized expert by expert, each with its own importance row,
-    as llama-quantize does."""
+    experts [experts, rows, cols] (or of heads) is quantized slice by slice, each with its own
+    importance row, as llama-quantize does."""
     if matrix.ndim == 3:
-        return np.stack([round_trip(m, llama_type, _expert(imatrix, e)) for e, m in enumerate(matrix)])
+        return np.stack([round_trip(m, llama_type, _slice(imatrix, e, matrix.shape[2])) for e, m in enumerate(matrix)])
     if llama_type is LlamaType.F32:
         return np.asarray(matrix, dtype=np.float32)
     if llama_type is LlamaType.F16:
@@ -95,7 +100,7 @@ def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray |
     stack of experts [experts, rows, cols], the sums run over every expert (each its own a)."""
     matrix = np.asarray(matrix, dtype=np.float32)
     parts = [(matrix, approx, imatrix)] if matrix.ndim == 2 else \
-        [(m, q, _expert(imatrix, e)) for e, (m, q) in enumerate(zip(matrix, approx))]
+        [(m, q, _slice(imatrix, e, matrix.shape[2])) for e, (m, q) in enumerate(zip(matrix, approx))]
     error = energy = 0.0
     for m, q, importance in parts:
         column_weight = np.ones(m.shape[1]) if importance is None else np.asarray(importance, dtype=np.float64)

@@ -1,0 +1,148 @@
+"""Issue 10's comparison at Q4_K_M's size on a model whose weights lie on no quantization grid (printed).
+
+The default model was dequantized from a GGUF: its layers' matrices lie on Q4_1's grid (a scale and
+an offset per 32 weights) and its embedding on Q8_0's, which those types reproduce almost exactly,
+an advantage that no model trained in bf16 gives a type. Here every weight is moved off its grid by
+uniform noise of one step of its own block (Q4_1: (max - min) / 15, Q8_0: absmax / 127): quantizing
+it to that type again then costs about a quarter of a step per weight, as for a trained model, where
+the shipped weights cost nothing. A stand-in, not a trained model: its F16 file is the reference of
+every KLD below, and how far the noise moved it from the default model is printed too.
+
+Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
+its tensor bytes the plans by kld, error and entropy (the issue's command), each file measured by
+llama-perplexity --kl-divergence against the F16 file on evaluation-role text the calibration never saw.
+
+    python -m benchmarks.off_grid [--out-dir .cache/off-grid] [--seed 0] [--chunks 24]
+
+Files are kept in --out-dir; a second run measures again from them (about 25 minutes on 2 cores the
+first time, most of it the kld plan's sensitivities).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 32  # weights per block of Q4_1 and Q8_0, along a row
+
+
+def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(type, step [blocks, 1]) of the grid the matrix's values lie on, per block of 32 along its rows:
+    Q4_1 (offset + step * 0..15) or Q8_0 (step * -127..127); a ValueError if on neither."""
+    blocks = matrix.float().reshape(-1, BLOCK)
+    low, high = blocks.aminmax(dim=1, keepdim=True)
+    for name, offset, step in (("Q4_1", low, (high - low) / 15),
+                               ("Q8_0", 0.0, blocks.abs().amax(dim=1, keepdim=True) / 127)):
+        levels = (blocks - offset) / step.clamp_min(1e-12)
+        if (levels - levels.round()).abs().mean() < 0.02:  # fp16 storage leaves ~0.001 of a step
+            return name, step
+    raise ValueError("the values lie on neither Q4_1's nor Q8_0's grid")
+
+
+def off_grid(matrix: torch.Tensor, generator: torch.Generator) -> tuple[str, torch.Tensor]:
+    """The matrix with each weight moved by U(-step/2, step/2) of its block's grid; (grid type, result)."""
+    name, step = grid_step(matrix)
+    blocks = matrix.float().reshape(-1, BLOCK)
+    noise = (torch.rand(blocks.shape, generator=generator) - 0.5) * step
+    return name, (blocks + noise).reshape(matrix.shape).to(matrix.dtype)
+
+
+def write_off_grid_model(source: Path, target: Path, seed: int) -> dict[str, int]:
+    """Copy of the model directory with every matrix off its grid; how many matrices per grid type."""
+    from safetensors.torch import load_file, save_file
+
+    from ewq.results.io import atomic_path
+
+    if (target / "model.safetensors").is_file():
+        return {}
+    generator, grids = torch.Generator().manual_seed(seed), {}
+    tensors = load_file(source / "model.safetensors")
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2:
+            grid, tensors[name] = off_grid(tensor, generator)
+            grids[grid] = grids.get(grid, 0) + 1
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "model.safetensors":
+            shutil.copy(item, target / item.name)
+    with atomic_path(target / "model.safetensors") as temp:
+        save_file(tensors, str(temp), metadata={"format": "pt"})
+    return grids
+
+
+def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir: Path, f16: Path) -> Path:
+    """The issue's command for one score, then the plan's quantize script: the planned GGUF."""
+    from ewq.llamacpp import files as gguf_files
+
+    command = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", model, "--target-size",
+               target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir]
+    command += ["--imatrix", imatrix] if score in ("kld", "error") else []
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, check=True)
+    plan, script = result.stdout.split()[:2]
+    out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}.gguf"
+    return gguf_files.quantize_with_plan(Path(script), f16, out, imatrix)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "off-grid")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
+    args = parser.parse_args(argv)
+
+    from ewq import assets
+    from ewq.commands.bench_gguf import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
+    from ewq.data import wiki
+    from ewq.llamacpp import files as gguf_files
+    from ewq.results.io import write_text_atomic
+
+    out, threads, context = args.out_dir, torch.get_num_threads(), 512
+    model = out / "model"
+    grids = write_off_grid_model(Path(assets.default_model()), model, args.seed)
+    if grids:
+        print(f"off-grid model written: matrices per grid {grids}")
+    f16 = gguf_files.convert_f16(model, out / "F16.gguf")
+    imatrix = gguf_files.build_imatrix(f16, calibration_file(out), out / "imatrix.gguf", IMATRIX_CONTEXT,
+                                       IMATRIX_CHUNKS)
+    q4_k_m = gguf_files.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
+    files = {"Q4_K_M": q4_k_m}
+    for score in ("kld", "error", "entropy"):
+        files[score] = plan_file(model, q4_k_m, score, imatrix, out, f16)
+
+    text = out / "eval.txt"
+    if not text.is_file():
+        write_text_atomic(text, wiki.eval_text(assets.wiki_file()))
+    base = out / "F16.kld-base"
+
+    def measure(gguf: Path, write_base: bool = False, against: Path = base) -> dict:
+        return gguf_files.llama_perplexity(gguf, text, context, args.chunks, threads, against, write_base)
+
+    def figure(value: dict | None) -> str:
+        return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
+
+    default_f16 = ROOT / "quantized_models"
+    default_f16 = next(default_f16.glob("*-F16.gguf"), None)
+    print(f"evaluation text: {args.chunks} x {context} tokens (llama-perplexity: scored second half of each chunk)")
+    f16_ppl = measure(f16, write_base=True)["ppl"]
+    print(f"off-grid F16: PPL {figure(f16_ppl)}")
+    if default_f16 is not None:  # how far the noise moved the model: the default model's F16 as the base
+        default_base = out / "default-F16.kld-base"
+        default_ppl = measure(default_f16, write_base=True, against=default_base)["ppl"]
+        moved = measure(f16, against=default_base)
+        print(f"default F16 ({default_f16.name}): PPL {figure(default_ppl)}; off-grid F16 against it: KLD "
+              f"{figure(moved.get('kld'))}")
+    print(f"{'file':10} {'tensor bytes':>14} {'KLD vs off-grid F16':>24} {'same top-1 %':>18} {'PPL':>20}")
+    for label, path in files.items():
+        measured = measure(path)
+        weight_bytes = gguf_files.describe(path).weight_bytes
+        print(f"{label:10} {weight_bytes:>14,} {figure(measured.get('kld')):>24} "
+              f"{figure(measured.get('same_top1_pct')):>18} {figure(measured.get('ppl')):>20}")
+
+
+if __name__ == "__main__":
+    main()
