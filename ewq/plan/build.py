@@ -82,10 +82,10 @@ def check_not_quantized(files: weights.ModelFiles, unread: list[weights.TensorIn
     stored = [info for info in unread if len(info.shape) >= 2 and info.dtype != "BOOL"
               and (method or (naming.written or {}).get(info.name))]
     if stored:
-        first = stored[0]
-        raise UserError(f"{len(stored)} tensors of {files.root} are stored quantized (quant_method {method}; e.g. "
-                        f"{first.name} {first.dtype} {list(first.shape)}): a plan measures and quantizes weights in "
-                        "floating point; give it the bf16/fp16 checkpoint")
+        first, declared = stored[0], f"quant_method {method}; " if method else ""
+        raise UserError(f"{len(stored)} tensors of {files.root} are stored quantized ({declared}e.g. {first.name} "
+                        f"{first.dtype} {list(first.shape)}): a plan measures and quantizes weights in floating "
+                        "point; give it the bf16/fp16 checkpoint")
 
 
 def check_written(files: weights.ModelFiles, infos: list[weights.TensorInfo], stacks: dict[str, list[str]],
