@@ -12,7 +12,7 @@ Then, as the issue asks: one importance matrix (calibration-role text), llama.cp
 its tensor bytes the plans by kld, error and entropy (the issue's command), each file measured by
 llama-perplexity --kl-divergence against the F16 file on evaluation-role text the calibration never saw.
 
-    python -m benchmarks.off_grid [--out-dir .cache/off-grid] [--seed 0] [--chunks 24]
+    python -m benchmarks.off_grid [--out-dir .cache/off-grid-<seed>] [--seed 0] [--chunks 24]
 
 Files are kept in --out-dir; a second run measures again from them (about 25 minutes on 2 cores the
 first time, most of it the kld plan's sensitivities).
@@ -90,10 +90,12 @@ def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "off-grid")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, help="where the stand-in model and its files are kept "
+                        "(default: .cache/off-grid-<seed>)")
+    parser.add_argument("--seed", type=int, default=0, help="of the noise that moves the weights off their grid")
     parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
     args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or ROOT / ".cache" / f"off-grid-{args.seed}"
 
     from ewq import assets
     from ewq.commands.bench_gguf import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
