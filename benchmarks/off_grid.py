@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -82,8 +81,7 @@ def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir
     command = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", model, "--target-size",
                target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir]
     command += ["--imatrix", imatrix] if score in ("kld", "error") else []
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, check=True)
-    plan, script = result.stdout.split()[:2]
+    plan, script = gguf_files.run_tool(command, f"the {score} plan").stdout.split()[:2]
     out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}.gguf"
     return gguf_files.quantize_with_plan(Path(script), f16, out, imatrix)
 
@@ -97,7 +95,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or ROOT / ".cache" / f"off-grid-{args.seed}"
 
-    from ewq import assets
+    from ewq import assets, weights
     from ewq.commands.bench_gguf import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
     from ewq.data import wiki
     from ewq.llamacpp import files as gguf_files
@@ -127,12 +125,12 @@ def main(argv=None) -> None:
     def figure(value: dict | None) -> str:
         return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
 
-    default_f16 = ROOT / "quantized_models"
-    default_f16 = next(default_f16.glob("*-F16.gguf"), None)
+    default_hash = weights.model_hash(weights.open_model(assets.default_model()))
+    default_f16 = ROOT / "quantized_models" / f"{default_hash}-F16.gguf"
     print(f"evaluation text: {args.chunks} x {context} tokens (llama-perplexity: scored second half of each chunk)")
     f16_ppl = measure(f16, write_base=True)["ppl"]
     print(f"off-grid F16: PPL {figure(f16_ppl)}")
-    if default_f16 is not None:  # how far the noise moved the model: the default model's F16 as the base
+    if default_f16.is_file():  # how far the noise moved the model: the default model's F16 as the base
         default_base = out / "default-F16.kld-base"
         default_ppl = measure(default_f16, write_base=True, against=default_base)["ppl"]
         moved = measure(f16, against=default_base)
@@ -147,4 +145,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ewq.commands.common import run_main
+
+    run_main(main)

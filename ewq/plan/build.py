@@ -54,7 +54,8 @@ def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo], sta
     biases = {name for name, outputs in (naming.written or {}).items()
               if outputs and all(output.name.endswith(".bias") for output in outputs)}
     for name in biases - set(parts):
-        named[name] = naming.written[name][0].name if len(naming.written[name]) == 1 else named[name]
+        if len(naming.written[name]) == 1:
+            named[name] = naming.written[name][0].name
     planned = set(parts) | biases  # not checked against the map below
     fused = [info for info in infos if len(info.shape) >= 3 and ".experts." in info.name and info.name not in planned]
     if fused:
