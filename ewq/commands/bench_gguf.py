@@ -78,9 +78,14 @@ def calibration_file(gguf_dir: Path) -> Path:
 
 
 def llama_bench(path: Path, device: str, threads: int, split_mode: str = "layer",
-                tensor_split: list[float] | None = None) -> dict:
-    command = [tools.tool("llama-bench"), "-m", path, "-p", BENCH_PROMPT, "-n", BENCH_GEN, "-o", "json",
+                tensor_split: list[float] | None = None, prompts: tuple[int, ...] = (BENCH_PROMPT,),
+                gen: int = BENCH_GEN, repetitions: int | None = None) -> dict:
+    """{"pp<n>" / "tg<n>": tokens/s, its stddev, repetitions}: llama-bench on `path` (gen 0: prompts only;
+    repetitions None: llama-bench's default)."""
+    command = [tools.tool("llama-bench"), "-m", path, "-p", ",".join(map(str, prompts)), "-n", gen, "-o", "json",
                "-t", threads, "-ngl", 99 if device == "cuda" else 0]
+    if repetitions is not None:
+        command += ["-r", repetitions]
     if device == "cuda":
         command += ["-sm", split_mode] + (["-ts", "/".join(map(str, tensor_split))] if tensor_split else [])
     rows = json.loads(gguf_files.run_tool(command, "llama-bench").stdout)

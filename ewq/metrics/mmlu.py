@@ -20,6 +20,12 @@ def letter_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def chunk_size(backend: Backend, every: int = 50) -> int:
+    """Questions per backend call: several batches (the backend sorts a chunk by length), at least
+    `every` (progress is saved after each chunk)."""
+    return max(every, 4 * backend.batch_size)
+
+
 def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: list[list[int]],
              done: Sequence[int] = (), on_progress: Callable[[list[int]], None] | None = None,
              every: int = 50) -> dict:
@@ -30,8 +36,7 @@ def evaluate(backend: Backend, tokenizer, sample: list[mmlu.Question], prompts: 
     correct = list(done)
     bar = progress(total=len(sample), initial=len(correct), desc=f"mmlu [{backend.name}]", unit="q")
     while len(correct) < len(sample):
-        # chunks of several batches: the backend sorts a chunk by length, and progress is saved after each
-        chunk = slice(len(correct), len(correct) + max(every, 4 * backend.batch_size))
+        chunk = slice(len(correct), len(correct) + chunk_size(backend, every))
         scores = backend.next_token_logprobs(prompts[chunk], letter_ids)  # [chunk, 4]
         correct.extend(int(int(row.argmax()) == question.answer) for row, question in zip(scores, sample[chunk]))
         bar.update(len(scores))

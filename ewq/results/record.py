@@ -138,6 +138,7 @@ class Result:
     environment = _top("environment", {})
     skipped_stages = _top("skipped_stages", [])
     plan_file = _top("plan_file")
+    gguf_file = property(lambda self: (self.data.get("gguf") or {}).get("file"))  # str | None: GGUF variants
 
     @property
     def label(self) -> str:
@@ -150,6 +151,8 @@ class Result:
     @property
     def settings_digest(self) -> str:
         return self.settings["digest"]
+
+    eval_seconds = _metric("eval_seconds")  # float: every stage, loading excluded
 
     # weights: int, float
     weight_bytes = _metric("weights", "weight_bytes")
