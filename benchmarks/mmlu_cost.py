@@ -50,19 +50,21 @@ def timed(function, *args) -> tuple[torch.Tensor, float]:
 def main(argv=None) -> None:
     from ewq import assets
     from ewq.backends import hf
+    from ewq.bench.inputs import mmlu_inputs
+    from ewq.bench.settings import FULL, EvalSettings
     from ewq.commands.common import Parser, positive_int
-    from ewq.data import mmlu as mmlu_data
     from ewq.metrics.mmlu import letter_token_ids
 
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(assets.default_model()))
-    parser.add_argument("--per-subject", type=positive_int, default=20, help="questions per subject (full preset: 20)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the sample (the presets': 1234)")
+    parser.add_argument("--model", type=Path, default=Path(assets.default_model()), help="default: the embedded model")
+    parser.add_argument("--per-subject", type=positive_int, default=FULL["mmlu_per_subject"],
+                        help="questions per subject (default: the full preset's, %(default)s)")
+    parser.add_argument("--seed", type=int, default=FULL["seed"], help="seed of the sample (default: the presets', %(default)s)")
     parser.add_argument("--rounds", type=positive_int, default=1, help="times each path runs, alternating")
     args = parser.parse_args(argv)
     tokenizer = hf.load_tokenizer(args.model)
-    sample = mmlu_data.stratified_sample(mmlu_data.load_questions(assets.mmlu_file()), args.per_subject, args.seed)
-    prompts = [tokenizer.encode(mmlu_data.prompt(q, []), add_special_tokens=False) for q in sample]
+    eval_settings = EvalSettings(device="cpu", **dict(FULL, mmlu_per_subject=args.per_subject, seed=args.seed))
+    _, prompts = mmlu_inputs(tokenizer, eval_settings)  # the full preset's prompts (0-shot)
     letter_ids = letter_token_ids(tokenizer)
     model = hf.load_model(args.model, "cpu", torch.float32)
     backend = hf.HFBackend(model, "cpu", "after", hf.dense_weights_report(model), batch_size=None)

@@ -40,9 +40,10 @@ def newest_results(results_dir: Path, model_hash: str, digest: str) -> dict:
     from ewq.results.record import read_result
 
     found: dict = {}
-    for path in results_dir.glob(f"*_{model_hash}_{digest}.json"):
+    for path in results_dir.glob("*.json"):
         result = read_result(path)
-        if (result is not None and result.variant in FIVE and not result.skipped_stages
+        if (result is not None and result.variant in FIVE and result.model_hash == model_hash
+                and result.settings_digest == digest and not result.skipped_stages
                 and result.created_utc > getattr(found.get(result.variant), "created_utc", "")):
             found[result.variant] = result
     missing = [v for v in FIVE if v not in found]
@@ -76,11 +77,12 @@ def linear_rate(model) -> float:
     """Tokens/s through every linear layer of `model` but its LM head, each timed alone (best of 3)
     on a random float input [LINEAR_ROWS, in_features] in the model's dtype."""
     head = model.get_output_embeddings()
+    dtype = next(model.parameters()).dtype
     seconds = 0.0
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue  # bitsandbytes' Linear8bitLt and Linear4bit are Linear subclasses
-        x = torch.randn(LINEAR_ROWS, module.in_features, dtype=next(model.parameters()).dtype)
+        x = torch.randn(LINEAR_ROWS, module.in_features, dtype=dtype)
         module(x)  # warm-up (bitsandbytes prepares its state on the first call)
         best = float("inf")
         for _ in range(3):

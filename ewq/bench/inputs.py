@@ -46,14 +46,20 @@ class EvalData:
                    max(map(len, self.request_prompts)) + self.settings.max_new_tokens)
 
 
-def load_data(tokenizer, settings: EvalSettings) -> EvalData:
-    text = load_eval_text(settings.eval_text)
-    tokens = tokenizer.encode(text, add_special_tokens=False)
+def mmlu_inputs(tokenizer, settings: EvalSettings) -> tuple[list[mmlu_data.Question], list[list[int]]]:
+    """The MMLU sample (stratified, seeded) and its prompts' token ids, with the settings' exemplars."""
     questions = mmlu_data.load_questions(assets.mmlu_file())
     sample = mmlu_data.stratified_sample(questions, settings.mmlu_per_subject, settings.seed)
     shots = mmlu_data.exemplars(questions, sample, settings.mmlu_shots, settings.seed)
     mmlu_prompts = [tokenizer.encode(mmlu_data.prompt(q, shots.get(q.subject, [])), add_special_tokens=False)
                     for q in sample]
+    return sample, mmlu_prompts
+
+
+def load_data(tokenizer, settings: EvalSettings) -> EvalData:
+    text = load_eval_text(settings.eval_text)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    sample, mmlu_prompts = mmlu_inputs(tokenizer, settings)
     requests = prompts.generation_requests(assets.wiki_file(), settings.gen_per_task, settings.summaries,
                                            settings.summaries_from)
     if not requests:
