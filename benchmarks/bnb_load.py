@@ -4,7 +4,7 @@
 
 Default model: a synthetic sharded bf16 Llama (hidden 2048, 16 layers, 49,152-token vocabulary,
 benchmarks/synthetic.py) written to a temporary directory. Its entropy plan (the default plan
-parameters) is applied with bitsandbytes_plan.load_quantized() in a fresh process on the CPU;
+parameters) is applied with bnb_model.load_quantized() in a fresh process on the CPU;
 the process's peak RSS (VmHWM, as every benchmark measures it) is compared with
     quantized size (the read-back weight bytes) + the two largest tensors (float32) + 1.5 GB.
 The child's RSS right after importing torch, transformers and bitsandbytes is printed too.
@@ -26,11 +26,11 @@ import json, sys, torch
 from ewq.metrics import memory
 import transformers, bitsandbytes
 imported = memory.snapshot()["peak_rss_bytes"]
-from ewq import bitsandbytes_plan, weights
+from ewq import bnb_model, weights
 from ewq.plan.files import load_plan
 plan = load_plan(sys.argv[2])
-model, not_applicable = bitsandbytes_plan.load_quantized(weights.open_model(sys.argv[1]), plan, "cpu", torch.float32)
-report = bitsandbytes_plan.read_back(model, plan, not_applicable)
+model, not_applicable = bnb_model.load_quantized(weights.open_model(sys.argv[1]), plan, "cpu", torch.float32)
+report = bnb_model.read_back(model, plan, not_applicable)
 print(json.dumps({"imported": imported, "peak": memory.snapshot()["peak_rss_bytes"],
                   "weight_bytes": report.weight_bytes, "by_precision": report.details["linear_by_precision"]}))
 """
@@ -39,7 +39,7 @@ print(json.dumps({"imported": imported, "peak": memory.snapshot()["peak_rss_byte
 def measure(model_dir: Path, plans_dir: Path) -> None:
     from ewq import weights
     from ewq.plan import PlanParams
-    from ewq.plan.build import create_plan
+    from ewq.plan.create import create_plan
     from ewq.plan.files import write_plan
 
     files = weights.open_model(str(model_dir))

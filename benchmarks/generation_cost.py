@@ -27,13 +27,13 @@ def load(model_dir: Path, plan: Path | None):
     if plan is None:
         model = hf.load_model(model_dir, "cpu", torch.float32)
         return hf.HFBackend(model, "cpu", "original", hf.dense_weights_report(model), batch_size=None)
-    from ewq import bitsandbytes_plan, weights
+    from ewq import bnb_model, weights
     from ewq.plan.files import load_plan
 
     applied = load_plan(plan)
-    model, not_applicable = bitsandbytes_plan.load_quantized(weights.open_model(str(model_dir)), applied, "cpu",
+    model, not_applicable = bnb_model.load_quantized(weights.open_model(str(model_dir)), applied, "cpu",
                                                              torch.float32)
-    return hf.HFBackend(model, "cpu", "ewq-bnb", bitsandbytes_plan.read_back(model, applied, not_applicable),
+    return hf.HFBackend(model, "cpu", "ewq-bnb", bnb_model.read_back(model, applied, not_applicable),
                         batch_size=None)
 
 

@@ -55,7 +55,7 @@ def write_off_grid_model(source: Path, target: Path, seed: int) -> dict[str, int
     """Copy of the model directory with every matrix off its grid; how many matrices per grid type."""
     from safetensors.torch import load_file, save_file
 
-    from ewq.results.io import atomic_path
+    from ewq.fileio import atomic_path
 
     if (target / "model.safetensors").is_file():
         return {}
@@ -76,14 +76,15 @@ def write_off_grid_model(source: Path, target: Path, seed: int) -> dict[str, int
 
 def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir: Path, f16: Path) -> Path:
     """The issue's command for one score, then the plan's quantize script: the planned GGUF."""
-    from ewq.llamacpp import files as gguf_files
+    from ewq.processes import run_tool
+    from ewq.llamacpp import tools as llama_tools
 
     command = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", model, "--target-size",
                target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir]
     command += ["--imatrix", imatrix] if score in ("kld", "error") else []
-    plan, script = gguf_files.run_tool(command, f"the {score} plan").stdout.split()[:2]
+    plan, script = run_tool(command, f"the {score} plan").stdout.split()[:2]
     out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}.gguf"
-    return gguf_files.quantize_with_plan(Path(script), f16, out, imatrix)
+    return llama_tools.quantize_with_plan(Path(script), f16, out, imatrix)
 
 
 def main(argv=None) -> None:
@@ -96,20 +97,21 @@ def main(argv=None) -> None:
     args.out_dir = args.out_dir or ROOT / ".cache" / f"off-grid-{args.seed}"
 
     from ewq import assets, weights
-    from ewq.commands.bench_gguf import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
+    from ewq.llamacpp.tools import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
     from ewq.data import wiki
-    from ewq.llamacpp import files as gguf_files
-    from ewq.results.io import write_text_atomic
+    from ewq.llamacpp import gguf_read
+    from ewq.llamacpp import tools as llama_tools
+    from ewq.fileio import write_text_atomic
 
     out, threads, context = args.out_dir, torch.get_num_threads(), 512
     model = out / "model"
     grids = write_off_grid_model(Path(assets.default_model()), model, args.seed)
     if grids:
         print(f"off-grid model written: matrices per grid {grids}")
-    f16 = gguf_files.convert_f16(model, out / "F16.gguf")
-    imatrix = gguf_files.build_imatrix(f16, calibration_file(out), out / "imatrix.gguf", IMATRIX_CONTEXT,
+    f16 = llama_tools.convert_f16(model, out / "F16.gguf")
+    imatrix = llama_tools.build_imatrix(f16, calibration_file(out), out / "imatrix.gguf", IMATRIX_CONTEXT,
                                        IMATRIX_CHUNKS)
-    q4_k_m = gguf_files.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
+    q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
     files = {"Q4_K_M": q4_k_m}
     for score in ("kld", "error", "entropy"):
         files[score] = plan_file(model, q4_k_m, score, imatrix, out, f16)
@@ -120,7 +122,7 @@ def main(argv=None) -> None:
     base = out / "F16.kld-base"
 
     def measure(gguf: Path, write_base: bool = False, against: Path = base) -> dict:
-        return gguf_files.llama_perplexity(gguf, text, context, args.chunks, threads, against, write_base)
+        return llama_tools.llama_perplexity(gguf, text, context, args.chunks, threads, against, write_base)
 
     def figure(value: dict | None) -> str:
         return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
@@ -139,7 +141,7 @@ def main(argv=None) -> None:
     print(f"{'file':10} {'tensor bytes':>14} {'KLD vs off-grid F16':>24} {'same top-1 %':>18} {'PPL':>20}")
     for label, path in files.items():
         measured = measure(path)
-        weight_bytes = gguf_files.describe(path).weight_bytes
+        weight_bytes = gguf_read.describe(path).weight_bytes
         print(f"{label:10} {weight_bytes:>14,} {figure(measured.get('kld')):>24} "
               f"{figure(measured.get('same_top1_pct')):>18} {figure(measured.get('ppl')):>20}")
 

@@ -40,7 +40,7 @@ def _drop_from_page_cache(paths: list[Path]) -> None:
 def weights_pass(model_dir: Path) -> None:
     from ewq import experts, weights
     from ewq.metrics import memory
-    from ewq.plan.build import name_tensors
+    from ewq.plan.create import name_tensors
     from ewq.plan.entropy import tensor_stats
 
     files = weights.open_model(str(model_dir))
@@ -51,7 +51,7 @@ def weights_pass(model_dir: Path) -> None:
         for _, tensor in weights.iter_tensors(infos):
             tensor.max()
 
-    def plan_pass() -> None:  # what plan.build.read_entries does with every tensor
+    def plan_pass() -> None:  # what plan.create.read_entries does with every tensor
         for _, tensor in weights.iter_tensors(infos):
             tensor_stats(tensor, 256)
 

@@ -63,7 +63,7 @@ def prompt_tokens(data) -> int:
 
 def llama_cpp_rate(path: Path, threads: int) -> float:
     """Tokens/s: llama-bench's best prompt processing over FLOOR_PROMPTS on the CPU (3 repetitions each)."""
-    from ewq.commands.bench_gguf import llama_bench
+    from ewq.llamacpp.tools import llama_bench
     from ewq.errors import UserError
 
     if not path.is_file():
@@ -99,10 +99,10 @@ def main(argv=None) -> None:
     from ewq.backends import hf
     from ewq.bench import settings
     from ewq.bench.inputs import load_data
-    from ewq.commands.bench_gguf import IMATRIX_CHUNKS, IMATRIX_CONTEXT
+    from ewq.llamacpp.tools import IMATRIX_CHUNKS, IMATRIX_CONTEXT
     from ewq.commands.common import Parser, PLANS_DIR, RESULTS_DIR
     from ewq.console import log
-    from ewq.results.io import write_json_atomic
+    from ewq.fileio import write_json_atomic
 
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path(assets.default_model()), help="the model run_main.sh ran")

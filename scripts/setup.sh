@@ -21,14 +21,14 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
   echo "$want" > "$STAMP"
 fi
-"$VENV/bin/python" -m ewq.assets
+"$VENV/bin/python" -m ewq.commands.setup assets
 
 # llama.cpp from the source vendored by llama-cpp-python: the tools with cmake, the Python
 # bindings with pip (compiled from the same source package, never a prebuilt binary).
 # EWQ_CUDA=1 builds both with CUDA.
 cuda_flag=""; cmake_args="-DLLAVA_BUILD=OFF"
 if [ "${EWQ_CUDA:-0}" = 1 ]; then cuda_flag="--cuda"; cmake_args="$cmake_args -DGGML_CUDA=on"; fi
-"$VENV/bin/python" -m ewq.llamacpp.build $cuda_flag
+"$VENV/bin/python" -m ewq.commands.setup llamacpp $cuda_flag
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "setup: building the llama_cpp Python bindings from source (several minutes)" >&2
   CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \

@@ -2,11 +2,12 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from ewq import bitsandbytes_plan as bnb
+from ewq import bnb_model as bnb
 from ewq import weights
 from ewq.errors import UserError
-from ewq.plan import PlanParams, Precision
-from ewq.plan.build import create_plan
+from ewq.plan import PlanParams
+from ewq.quant_types import Precision
+from ewq.plan.create import create_plan
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ from ewq import plan as plan_mod
 from ewq.commands.plan import parse_size
 from ewq.errors import UserError
 from ewq.llamacpp import quantizers as ggml_quant
-from ewq.llamacpp.types import LlamaType as T
-from ewq.plan import PlanParams, Precision, budget
-from ewq.plan.build import create_plan
+from ewq.quant_types import LlamaType as T
+from ewq.plan import PlanParams, allocate
+from ewq.quant_types import Precision, rank_ladder
+from ewq.plan.create import create_plan
 from ewq.plan.files import write_plan
 
 
@@ -21,27 +22,27 @@ def matrix(name, cols, rows=256, entropy=5.0, block=0):
 
 
 def test_ladder_uses_legacy_types_where_k_blocks_do_not_divide_rows():
-    assert budget.gguf_ladder(matrix("a", 1536)) == ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]
-    assert budget.gguf_ladder(matrix("b", 576)) == ["Q4_0", "Q5_0", "Q8_0", "F16"]
-    assert budget.gguf_ladder(matrix("c", 48)) == ["F16"]  # not even 32-blocks fit
+    assert rank_ladder(1536) == ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]
+    assert rank_ladder(576) == ["Q4_0", "Q5_0", "Q8_0", "F16"]
+    assert rank_ladder(48) == ["F16"]  # not even 32-blocks fit
 
 
 def test_allocation_stays_within_budget_and_follows_the_ranking():
     costs = [[4.5, 5.5, 8.5, 16.0] for _ in range(6)]
     order = [3, 1, 5, 0, 2, 4]
     floor, budget_bits = 6 * 4.5, 6 * 4.5 + 6 * 1.0 + 2 * 3.0 + 0.5
-    levels = budget.allocate(costs, order, budget_bits)
+    levels = allocate.rank_rounds(costs, order, budget_bits)
     spent = sum(c[level] for c, level in zip(costs, levels))
     assert floor < spent <= budget_bits and budget_bits - spent < 1.0
     assert [levels[i] for i in order] == [2, 2, 1, 1, 1, 1]  # the two best-ranked got the second lift
-    assert budget.allocate(costs, order, 1e9) == [3] * 6
+    assert allocate.rank_rounds(costs, order, 1e9) == [3] * 6
     with pytest.raises(ValueError):
-        budget.allocate(costs, order, floor - 1)
+        allocate.rank_rounds(costs, order, floor - 1)
 
 
 def test_allocation_fills_with_cheaper_lifts_after_an_expensive_one_does_not_fit():
     costs = [[100.0, 200.0], [1.0, 2.0]]
-    assert budget.allocate(costs, [0, 1], 150.0) == [0, 1]
+    assert allocate.rank_rounds(costs, [0, 1], 150.0) == [0, 1]
 
 
 def test_sizes_parse_with_units_and_refuse_nonsense(tmp_path):
@@ -85,7 +86,7 @@ def test_budget_plans_of_a_model_meet_the_budget(tiny_model_dir, tmp_path, score
                                                        keep_lm_head=False))
     total = sum(t.numel for t in plan.tensors)
     bits = sum(t.numel * t.llama_type.bits_per_weight for t in plan.tensors)
-    assert bits / total <= target and plan.budget["gguf"]["bits_per_weight"] == pytest.approx(bits / total)
+    assert bits / total <= target and plan.budget.gguf.bits_per_weight == pytest.approx(bits / total)
     smallest_lift = min(t.numel for t in plan.tensors if t.is_matrix) * (5.5 - 4.5)
     assert target * total - bits < 3 * smallest_lift * 8  # filled up to within a few small lifts
     ranked = [t for t in plan.tensors if t.reason == f"budget:{score}"]
@@ -98,9 +99,9 @@ def test_budget_plans_of_a_model_meet_the_budget(tiny_model_dir, tmp_path, score
 
 def test_entropy_budget_gives_high_entropy_tensors_at_least_as_many_bits(tiny_model_dir):
     plan = create_plan(str(tiny_model_dir), PlanParams(target_bpw=7.0, keep_embeddings=False, keep_lm_head=False))
-    ranked = sorted((t for t in plan.tensors if t.reason == "budget:entropy" and budget.gguf_ladder(t) ==
+    ranked = sorted((t for t in plan.tensors if t.reason == "budget:entropy" and rank_ladder(t.ncols) ==
                      ["Q4_0", "Q5_0", "Q8_0", "F16"]), key=lambda t: -t.entropy_bits)
-    rungs = [budget.gguf_ladder(t).index(t.llama_type) for t in ranked]
+    rungs = [rank_ladder(t.ncols).index(t.llama_type) for t in ranked]
     assert rungs == sorted(rungs, reverse=True) and rungs[0] > rungs[-1]
 
 
@@ -108,8 +109,8 @@ def test_bitsandbytes_side_reports_an_unreachable_budget(tmp_path):
     # a large vocabulary: bitsandbytes keeps embedding and head in fp16, so 8 bits/weight is out of its reach
     tiny_llama(num_layers=2, vocab=8192).save_pretrained(tmp_path / "m", safe_serialization=True)
     plan = create_plan(str(tmp_path / "m"), PlanParams(target_bpw=8.0, keep_embeddings=False, keep_lm_head=False))
-    assert plan.budget["gguf"]["bits_per_weight"] <= 8.0 and plan.budget["bitsandbytes"]["floor_bits_per_weight"] > 8
-    assert plan.budget["bitsandbytes"]["meets_budget"] is False
+    assert plan.budget.gguf.bits_per_weight <= 8.0 and plan.budget.bitsandbytes.floor_bits_per_weight > 8
+    assert plan.budget.bitsandbytes.meets_budget is False
     assert all(t.precision is Precision.INT4 for t in plan.tensors if t.reason == "budget:entropy"
                and not t.is_embedding_or_head)
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from conftest import ENV, ROOT, assert_usage_error, run, tiny_llama
 from ewq.results import checkpoint
-from ewq.results import io as results
+from ewq import fileio as results
 from ewq.errors import UserError
 
 
@@ -360,19 +360,18 @@ def test_dry_run_validates_prints_and_writes_nothing(world, script, args):
 
 def test_sensitivity_study_resumes_with_identical_rows(tiny_model_dir):
     """The study's other long run: interrupted after some units, resumed from the rows saved so far."""
-    from ewq import sensitivity
+    from ewq import study
     from ewq.backends import hf
     from ewq.metrics import perplexity
     from ewq.plan import PlanParams
-    from ewq.plan.build import create_plan
+    from ewq.plan.create import create_plan
 
     plan = create_plan(str(tiny_model_dir), PlanParams())
     model = hf.load_model(tiny_model_dir, "cpu", torch.float32)
-    backend = hf.HFBackend(model, "cpu", "tiny", {})
     tokens = [int(t) for t in torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(0))]
-    spec = perplexity.WindowSpec(64, 32, 4, 4)
-    levels = (sensitivity.Level.BLOCK, sensitivity.Level.KIND)
-    full = sensitivity.measure(model, backend, tokens, spec, plan, levels, None)
+    service = study.study_service(model, tokens, perplexity.WindowSpec(64, 32, 4, 4), None)
+    levels = (study.Level.BLOCK, study.Level.KIND)
+    full = study.measure(service, plan, levels)
 
     saved = []
 
@@ -382,7 +381,7 @@ def test_sensitivity_study_resumes_with_identical_rows(tiny_model_dir):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sensitivity.measure(model, backend, tokens, spec, plan, levels, None, on_row=killed_after_five)
-    resumed = sensitivity.measure(model, backend, tokens, spec, plan, levels, None, done=saved)
+        study.measure(service, plan, levels, on_row=killed_after_five)
+    resumed = study.measure(service, plan, levels, done=saved)
     assert len(saved) == 5 and len(resumed["units"]) == len(full["units"]) == 12 + 7
     assert resumed["units"] == full["units"] and resumed["correlations"] == full["correlations"]

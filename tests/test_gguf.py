@@ -9,7 +9,8 @@ from conftest import ENV, ROOT, assert_usage_error, run
 from ewq import plan as plan_mod
 from ewq.backends import hf
 from ewq.errors import UserError
-from ewq.llamacpp import files as gguf_files
+from ewq.llamacpp import gguf_read
+from ewq.llamacpp import tools as llama_tools
 from ewq.metrics import perplexity, stats
 
 
@@ -21,7 +22,7 @@ def test_ewq_gguf_types_equal_the_plan_tensor_by_tensor(pipeline):
     plan = plan_mod.load_plan(pipeline["plan"])
     result = pipeline["files"]["gguf-ewq"]
     assert result["plan_check"]["matches_plan"] and result["plan_hash"] == plan.plan_hash
-    in_file = {t.name: t.type_name for t in gguf_files.read_tensors(gguf_file(pipeline, "gguf-ewq"))}
+    in_file = {t.name: t.type_name for t in gguf_read.read_tensors(gguf_file(pipeline, "gguf-ewq"))}
     planned = {t.gguf_name: t.llama_type for t in plan.tensors if t.gguf_name}
     assert planned == {name: in_file[name] for name in planned}
     assert {"Q4_0", "Q8_0", "F16"} <= set(in_file.values())
@@ -30,7 +31,7 @@ def test_ewq_gguf_types_equal_the_plan_tensor_by_tensor(pipeline):
 def test_a_file_that_does_not_follow_the_plan_is_named(pipeline):
     plan = plan_mod.load_plan(pipeline["plan"])
     with pytest.raises(UserError, match=r"does not follow plan .*blk\.\d+\.\w+\.weight: plan Q4_[0K], file Q8_0"):
-        gguf_files.verify_plan(plan, gguf_file(pipeline, "gguf-q8_0"))
+        gguf_read.verify_plan(plan, gguf_file(pipeline, "gguf-q8_0"))
 
 
 def test_gguf_results_record_size_types_and_llama_bench(pipeline):
@@ -121,7 +122,7 @@ def test_our_kld_and_ppl_agree_with_llama_perplexity(pipeline, tmp_path):
 
     for variant in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
         ours = pipeline["files"][variant]["metrics"]["perplexity"]
-        theirs = gguf_files.llama_perplexity(gguf_file(pipeline, variant), text, spec.context, chunks, threads,
+        theirs = llama_tools.llama_perplexity(gguf_file(pipeline, variant), text, spec.context, chunks, threads,
                                              base, write_base=variant == "gguf-f16")
         our_ppl = math.exp(even_windows(ours["per_window_nll"]).mean)
         assert abs(theirs["ppl"]["mean"] / our_ppl - 1) < 0.03, (variant, theirs["ppl"], our_ppl)

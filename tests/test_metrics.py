@@ -77,14 +77,17 @@ def test_kld_is_zero_against_itself_and_matches_the_definition(tmp_path):
     same = perplexity.evaluate(reference_backend, tokens, SPEC, reference=stored)
     assert abs(same["kld"]["mean"]) < 1e-3 and same["same_top1"]["mean"] == 1.0
     moved = perplexity.evaluate(other, tokens, SPEC, reference=stored)
-    expected = []
+    expected, unrounded = [], []  # the stored float16 log-probs, renormalized; the reference before rounding
     for start in perplexity.window_starts(len(tokens), SPEC)[: SPEC.kld_windows]:
         for position in range(start + SPEC.context - SPEC.stride, start + SPEC.context):
-            p = torch.from_numpy(np.float32(reference_backend.table[tokens[position - 1]].numpy().astype(np.float16)))
-            q = other.table[tokens[position - 1]]
+            exact = reference_backend.table[tokens[position - 1]].double()
+            p = torch.log_softmax(torch.from_numpy(exact.numpy().astype(np.float16)).double(), -1)
+            q = other.table[tokens[position - 1]].double()
             expected.append(float((p.exp() * (p - q)).sum()))
+            unrounded.append(float((exact.exp() * (exact - q)).sum()))
     assert moved["kld"]["n_tokens"] == n_tokens
     assert moved["kld"]["mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert moved["kld"]["mean"] == pytest.approx(sum(unrounded) / len(unrounded), rel=1e-3)
     assert moved["kld"]["mean"] > 0.01 and moved["kld"]["se"] > 0
     assert 0 < moved["same_top1"]["mean"] < 1
 

@@ -7,9 +7,11 @@ import pytest
 from ewq import plan as plan_mod
 from ewq.llamacpp.script import quantize_script
 from ewq.errors import UserError
-from ewq.plan import Granularity, PlanParams, Precision, Thresholds
+from ewq.plan import Granularity, PlanParams, Thresholds
+from ewq.quant_types import Precision, threshold_type
 from ewq.plan import threshold
-from ewq.plan.build import create_plan
+from ewq.plan.entries import apply_keep_rule
+from ewq.plan.create import create_plan
 from ewq.plan import files as plan_files
 from ewq.plan.files import write_plan
 
@@ -40,7 +42,10 @@ def test_keep_rules_and_tensor_granularity():
         entry("model.layers.1.self_attn.k_proj.weight", 3.0, (64, 256), block=1),
         entry("lm_head.weight", 1.0, (1000, 256)),
     ]
-    threshold.decide(tensors, PlanParams(entropy_factor=0.5, fp16_factor=0.5, min_params=20_000))
+    params = PlanParams(entropy_factor=0.5, fp16_factor=0.5, min_params=20_000)
+    for t in tensors:  # as create.read_entries does, when each entry is read
+        apply_keep_rule(t, params)
+    threshold.decide(tensors, params)
     by_name = {t.hf_name: t for t in tensors}
     assert by_name["model.embed_tokens.weight"].reason == "keep:embedding"
     assert by_name["lm_head.weight"].reason == "keep:lm_head"
@@ -63,10 +68,10 @@ def test_block_granularity_gives_every_matrix_its_block_decision():
 
 
 def test_llama_type_respects_row_block_size():
-    assert plan_mod.llama_type_for(Precision.INT4, entry("a", 1.0, (10, 1536))) == "Q4_K"
-    assert plan_mod.llama_type_for(Precision.INT4, entry("a", 1.0, (10, 576))) == "Q4_0"
-    assert plan_mod.llama_type_for(Precision.INT8, entry("a", 1.0, (10, 576))) == "Q8_0"
-    assert plan_mod.llama_type_for(Precision.INT8, entry("a", 1.0, (10, 100))) == "F16"
+    assert threshold_type(Precision.INT4, 1536) == "Q4_K"
+    assert threshold_type(Precision.INT4, 576) == "Q4_0"
+    assert threshold_type(Precision.INT8, 576) == "Q8_0"
+    assert threshold_type(Precision.INT8, 100) == "F16"
 
 
 @pytest.fixture
@@ -81,9 +86,9 @@ def test_plan_of_a_model_covers_every_tensor_and_is_deterministic(tiny_model_dir
     assert len(tiny_plan.blocks) == 12
     matrices = [t for t in tiny_plan.tensors if t.is_matrix]
     assert all(t.gguf_name for t in matrices)
-    counts = tiny_plan.summary()["matrices_by_precision"]
-    assert sum(c["tensors"] for c in counts.values()) == len(matrices)
-    assert counts["4bit"]["tensors"] > 0 and counts["8bit"]["tensors"] > 0
+    counts = tiny_plan.summary().matrices_by_precision
+    assert sum(c.tensors for c in counts.values()) == len(matrices)
+    assert counts["4bit"].tensors > 0 and counts["8bit"].tensors > 0
 
 
 def test_plan_json_round_trip(tmp_path, tiny_plan):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_usage_error, run
 from ewq import plan as plan_mod
-from ewq.llamacpp import files as gguf_files
+from ewq.llamacpp import gguf_read
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def budget_run(pipeline):
 def test_budget_plan_meets_q4_k_m_size_and_the_file_follows_it(budget_run):
     plan = plan_mod.load_plan(budget_run["plan"])
     result = budget_run["result"]
-    q4_bytes = gguf_files.describe(budget_run["q4"]).weight_bytes
+    q4_bytes = gguf_read.describe(budget_run["q4"]).weight_bytes
     assert result["plan_check"]["matches_plan"] and result["tag"] == plan.plan_hash
     assert 0.99 * q4_bytes < result["gguf"]["weight_bytes"] <= q4_bytes
     assert result["skipped_stages"] == ["generation", "mmlu"]

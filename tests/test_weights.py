@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from ewq import weights
 from ewq.errors import UserError
 from ewq.plan import PlanParams
-from ewq.plan.build import create_plan
+from ewq.plan.create import create_plan
 
 
 def test_hash_is_stable_and_sees_weight_values(tiny_model_dir):

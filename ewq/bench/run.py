@@ -21,7 +21,8 @@ from ..console import log
 from ..errors import UserError
 from ..metrics import generation, memory, mmlu, perplexity
 from ..metrics.stats import paired_difference
-from ..results import environment, io
+from .. import fileio
+from ..results import environment
 from ..results.checkpoint import CHECKPOINT_DIR, Checkpoint
 from ..results.record import COMPARISON, Result, Stage, Variant, WeightsReport, document, read_result, result_stem
 from .inputs import EvalData
@@ -71,7 +72,7 @@ def _perplexity(ctx: Context, done: list, save: Callable[[list], None]) -> dict:
     if ctx.variant is Variant.ORIGINAL:
         if n_kld_tokens == 0:
             return perplexity.evaluate(backend, tokens, spec)
-        with io.atomic_path(ctx.ckpt.file(".logprobs.npy")) as temp:
+        with fileio.atomic_path(ctx.ckpt.file(".logprobs.npy")) as temp:
             vocab = backend.vocab_size
             record = perplexity.open_record(temp, n_kld_tokens, vocab)
             out = perplexity.evaluate(backend, tokens, spec, record=record)
@@ -133,7 +134,7 @@ def run(variant: Variant, backend: Backend, tokenizer, data: EvalData, model_has
     inputs.load_data(). Finished stages are checkpointed; `resume` continues from them."""
     check_skip(variant, skip)
     settings = data.settings
-    out_dir = io.ensure_writable_dir(out_dir)
+    out_dir = fileio.ensure_writable_dir(out_dir)
     stem = result_stem(variant, model_hash, settings.digest, tag)
     json_path = out_dir / f"{stem}.json"
     reference = None if variant is Variant.ORIGINAL else load_reference(out_dir, model_hash, data)
@@ -168,7 +169,7 @@ def run(variant: Variant, backend: Backend, tokenizer, data: EvalData, model_has
     logprobs = ckpt.file(".logprobs.npy")
     if logprobs.is_file():  # the new reference goes in together with its result
         os.replace(logprobs, out_dir / logprobs.name)
-    io.write_json_atomic(json_path, result)
+    fileio.write_json_atomic(json_path, result)
     ckpt.remove()
     return json_path
 

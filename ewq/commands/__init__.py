@@ -6,4 +6,5 @@
     bench_gguf  benchmark_gguf_{q4,q8,ewq}.py (llama.cpp); `python -m ewq.commands.bench_gguf F16` too
     report      compare_results.py
     study       study_sensitivity.py
+    setup       the set-up steps of scripts/setup.sh (the offline assets, llama.cpp's tools)
 """

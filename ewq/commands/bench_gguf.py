@@ -9,7 +9,6 @@ from the evaluation and summarization text), serves every quantized file, or non
 """
 from __future__ import annotations
 
-import json
 import sys
 from argparse import ArgumentTypeError, BooleanOptionalAction
 from dataclasses import dataclass
@@ -17,19 +16,18 @@ from pathlib import Path
 
 import torch
 
-from .. import assets
 from ..backends import hf
 from ..backends.llamacpp import SPLIT_MODES, LlamaCppBackend
 from ..bench import run as bench
 from ..bench.inputs import load_data
 from ..console import log
-from ..data import wiki
 from ..errors import UserError
-from ..llamacpp import build as tools
-from ..llamacpp import files as gguf_files
+from ..llamacpp import toolchain
+from ..llamacpp import gguf_read
+from ..llamacpp import tools as llama_tools
 from ..plan.files import plan_for_model, script_path
-from ..plan.model import Plan
-from ..results.io import check_writable_dir, write_text_atomic
+from ..plan.entries import Plan
+from ..fileio import check_writable_dir
 from ..results.record import LLAMA_CPP_PRESETS, Variant
 from .bench_hf import prepare_run
 from .common import PLANS_DIR, Parser, add_benchmark_args, add_plan_args, dry_run, positive_int, run_main
@@ -38,8 +36,6 @@ from .common import PLANS_DIR, Parser, add_benchmark_args, add_plan_args, dry_ru
 # is also its llama-quantize file type.
 FILE_LABEL = {**{v: v.value.removeprefix("gguf-").upper() for v in LLAMA_CPP_PRESETS}, Variant.GGUF_EWQ: "EWQ",
               Variant.GGUF_F16: "F16"}
-IMATRIX_CONTEXT, IMATRIX_CHUNKS = 512, 100
-BENCH_PROMPT, BENCH_GEN = 512, 128
 
 
 def parser_for(variant: Variant) -> Parser:
@@ -68,32 +64,6 @@ def tensor_split(text: str) -> list[float]:
     if not shares or any(not share >= 0 for share in shares) or not sum(shares) > 0:
         raise ArgumentTypeError(f"must be comma-separated non-negative shares such as 3,1, got {text}")
     return shares
-
-
-def calibration_file(gguf_dir: Path) -> Path:
-    path = gguf_dir / "calibration_wiki.txt"
-    if not path.is_file():
-        write_text_atomic(path, wiki.calibration_text(assets.wiki_file()))
-    return path
-
-
-def llama_bench(path: Path, device: str, threads: int, split_mode: str = "layer",
-                tensor_split: list[float] | None = None, prompts: tuple[int, ...] = (BENCH_PROMPT,),
-                gen: int = BENCH_GEN, repetitions: int | None = None) -> dict:
-    """{"pp<n>" / "tg<n>": tokens/s, its stddev, repetitions}: llama-bench on `path` (gen 0: prompts only;
-    repetitions None: llama-bench's default)."""
-    command = [tools.tool("llama-bench"), "-m", path, "-p", ",".join(map(str, prompts)), "-n", gen, "-o", "json",
-               "-t", threads, "-ngl", 99 if device == "cuda" else 0]
-    if repetitions is not None:
-        command += ["-r", repetitions]
-    if device == "cuda":
-        command += ["-sm", split_mode] + (["-ts", "/".join(map(str, tensor_split))] if tensor_split else [])
-    rows = json.loads(gguf_files.run_tool(command, "llama-bench").stdout)
-    out = {}
-    for row in rows:
-        key = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
-        out[key] = {"tokens_per_s": row["avg_ts"], "stddev": row["stddev_ts"], "repetitions": len(row["samples_ts"])}
-    return out
 
 
 @dataclass
@@ -129,8 +99,8 @@ def planned_files(files: Files, model_dir: Path) -> list[str]:
 
     lines = [f"F16 GGUF {files.f16} ({state(files.f16)}, from {model_dir})"]
     if files.imatrix:
-        lines.append(f"importance matrix {files.imatrix} ({state(files.imatrix)}, {IMATRIX_CHUNKS} x "
-                     f"{IMATRIX_CONTEXT}-token chunks of calibration text)")
+        lines.append(f"importance matrix {files.imatrix} ({state(files.imatrix)}, {llama_tools.IMATRIX_CHUNKS} x "
+                     f"{llama_tools.IMATRIX_CONTEXT}-token chunks of calibration text)")
     if files.target != files.f16:
         how = f"plan {files.plan.plan_hash} via {files.script}" if files.plan else "llama-quantize"
         lines.append(f"quantized GGUF {files.target} ({state(files.target)}, {how})")
@@ -140,17 +110,17 @@ def planned_files(files: Files, model_dir: Path) -> list[str]:
 def build(variant: Variant, files: Files, model_dir: Path) -> dict:
     """Build what is missing; return the plan check for EWQ."""
     files.f16.parent.mkdir(parents=True, exist_ok=True)
-    gguf_files.convert_f16(model_dir, files.f16)
+    llama_tools.convert_f16(model_dir, files.f16)
     if files.imatrix:
-        gguf_files.build_imatrix(files.f16, calibration_file(files.f16.parent), files.imatrix,
-                                 IMATRIX_CONTEXT, IMATRIX_CHUNKS)
+        llama_tools.build_imatrix(files.f16, llama_tools.calibration_file(files.f16.parent), files.imatrix,
+                                 llama_tools.IMATRIX_CONTEXT, llama_tools.IMATRIX_CHUNKS)
     if variant is Variant.GGUF_F16:
         return {}
     if files.plan is not None:
-        gguf_files.quantize_with_plan(files.script, files.f16, files.target, files.imatrix)
+        llama_tools.quantize_with_plan(files.script, files.f16, files.target, files.imatrix)
         return {"plan_hash": files.plan.plan_hash, "plan_file": str(files.plan_file),
-                "plan_check": gguf_files.verify_plan(files.plan, files.target)}
-    gguf_files.quantize(files.f16, files.target, FILE_LABEL[variant], files.imatrix)
+                "plan_check": gguf_read.verify_plan(files.plan, files.target)}
+    llama_tools.quantize(files.f16, files.target, FILE_LABEL[variant], files.imatrix)
     return {}
 
 
@@ -164,11 +134,11 @@ def main(argv=None, variant: Variant | None = None) -> None:
     args = parser_for(variant).parse_args(argv)
     needed = ["llama-bench"] + ([] if args.gguf else ["llama-quantize", "llama-imatrix"])
     for name in needed:
-        tools.tool(name)  # fail before any work if llama.cpp is not built
+        toolchain.tool(name)  # fail before any work if llama.cpp is not built
     skip, device, settings, model_files, model_hash = prepare_run(args, variant)
     files = None
     if args.gguf is not None:
-        report = gguf_files.describe(args.gguf)  # refuses a file that is not GGUF, before any work
+        report = gguf_read.describe(args.gguf)  # refuses a file that is not GGUF, before any work
     else:
         files = files_for(variant, args, model_hash)
         check_writable_dir(args.gguf_dir)
@@ -178,19 +148,19 @@ def main(argv=None, variant: Variant | None = None) -> None:
     if args.dry_run:
         source = [f"use {args.gguf} ({report.bits_per_weight:.2f} bits/weight)"] if files is None else \
             planned_files(files, model_files.root)
-        return dry_run([*source, f"llama-bench pp{BENCH_PROMPT}/tg{BENCH_GEN}",
+        return dry_run([*source, f"llama-bench pp{llama_tools.BENCH_PROMPT}/tg{llama_tools.BENCH_GEN}",
                         *bench.planned_run(variant, tag, model_hash, data, args.out_dir, args.resume, skip)])
     if files is None:
         path, extra = args.gguf, {"imatrix": None}  # unknown for a file built elsewhere
     else:
         path, extra = files.target, build(variant, files, model_files.root)
         extra["imatrix"] = files.imatrix is not None
-        report = gguf_files.describe(path)
+        report = gguf_read.describe(path)
     extra["gguf"] = report.to_json()
     log(f"{path}: {report.bits_per_weight:.2f} bits/weight, {report.details['file_bytes'] / 2**20:.1f} MiB, "
         f"types {report.details['type_histogram']}")
     threads = args.threads or torch.get_num_threads()
-    extra["llama_bench"] = llama_bench(path, device, threads, args.split_mode, args.tensor_split)
+    extra["llama_bench"] = llama_tools.llama_bench(path, device, threads, args.split_mode, args.tensor_split)
     n_ctx = -(-data.longest_sequence // 256) * 256
     backend = LlamaCppBackend(path, device, variant.value, n_ctx, report, threads=threads, split_mode=args.split_mode,
                               tensor_split=args.tensor_split)

@@ -9,7 +9,7 @@ from ..bench.inputs import load_data
 from ..bench.settings import settings_from_args
 from ..console import log
 from ..plan.files import plan_for_model
-from ..results.io import check_writable_dir
+from ..fileio import check_writable_dir
 from ..results.record import Stage, Variant
 from .common import Parser, add_benchmark_args, add_hf_engine_args, add_plan_args, dry_run
 
@@ -64,19 +64,19 @@ def ewq_main(argv=None) -> None:
     data = load_data(tokenizer, settings)
     dtype = hf.compute_dtype(device, args.dtype, files.root)
     if args.dry_run:
-        counts = {p: c["tensors"] for p, c in plan.summary()["matrices_by_precision"].items()}
+        counts = {p: c.tensors for p, c in plan.summary().matrices_by_precision.items()}
         return dry_run([f"load {files.root} tensor by tensor in {dtype}, "
                         f"applying plan {plan.plan_hash} through bitsandbytes: matrices {counts}",
                         *bench.planned_run(variant, plan.plan_hash, model_hash, data, args.out_dir, args.resume, skip)])
-    from .. import bitsandbytes_plan
+    from .. import bnb_model
 
-    model, not_applicable = bitsandbytes_plan.load_quantized(files, plan, device, dtype, args.device_map)
-    report = bitsandbytes_plan.read_back(model, plan, not_applicable)
+    model, not_applicable = bnb_model.load_quantized(files, plan, device, dtype, args.device_map)
+    report = bnb_model.read_back(model, plan, not_applicable)
     report.details["dtype"] = str(dtype).removeprefix("torch.")
     log(f"bitsandbytes read-back: {report.bits_per_weight:.2f} bits/weight, {report.weight_bytes / 2**20:.1f} MiB")
     backend = hf.HFBackend(model, device, "ewq-bnb", report, args.batch_size)
     path = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir,
-                     extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file), "plan_summary": plan.summary()},
+                     extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file), "plan_summary": plan.summary().to_json()},
                      tag=plan.plan_hash, skip=skip, resume=args.resume)
     log(bench.summary_line(path))
     print(path)

@@ -9,12 +9,12 @@ from .. import weights
 from ..backends import hf
 from ..console import log
 from ..errors import UserError
-from ..llamacpp.files import describe
+from ..llamacpp.gguf_read import describe
 from ..llamacpp.quantizers import ImportanceMatrix
-from ..plan.build import create_plan
+from ..plan.create import create_plan
 from ..plan.files import plan_path, script_path, write_plan
-from ..plan.model import Granularity, PlanParams, Score, plan_hash
-from ..results.io import check_writable_dir, file_digest
+from ..plan.entries import Granularity, Plan, PlanParams, Score, plan_hash
+from ..fileio import check_writable_dir, file_digest
 from .common import (DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
                      positive_float, positive_int)
 
@@ -120,24 +120,29 @@ def main(argv=None):
                         f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",
                         f"decide by {rule}",
                         f"write {plan_path(args.out_dir, hash_)}", f"write {script_path(args.out_dir, hash_)}"])
-    plan = create_plan(args.model, params, imatrix, cache_dir=args.out_dir, device=device)
+    plan = create_plan(files, params, imatrix, cache_dir=args.out_dir, device=device, model_id=args.model)
     json_path, script = write_plan(plan, args.out_dir)
-    summary = plan.summary()
-    matrices = summary["matrices_by_precision"]
-    log("plan: " + ", ".join(f"{p}: {c['tensors']} matrices" for p, c in matrices.items())
-        + f"; blocks {summary['blocks_by_precision']}")
-    if plan.budget:
-        types = collections.Counter(t.llama_type.value for t in plan.tensors if t.is_matrix)
-        log("gguf types: " + ", ".join(f"{name} {count}" for name, count in sorted(types.items())))
-        if "predicted_kld" in plan.budget["gguf"]:
-            log(f"predicted KLD (sum over tensors): gguf {plan.budget['gguf']['predicted_kld']:.3g}"
-                + (f", bitsandbytes {plan.budget['bitsandbytes']['predicted_kld']:.3g}"
-                   if "predicted_kld" in plan.budget["bitsandbytes"] else ""))
-        log(f"budget {plan.budget['budget_bits_per_weight']:.3f} bits/weight: gguf reaches "
-            f"{plan.budget['gguf']['bits_per_weight']:.3f}, bitsandbytes {plan.budget['bitsandbytes']['bits_per_weight']:.3f}"
-            + ("" if plan.budget["bitsandbytes"]["meets_budget"] else
-               f" (its floor {plan.budget['bitsandbytes']['floor_bits_per_weight']:.3f} exceeds the budget: all nf4)"))
-    log(f"estimated bits/weight: gguf {summary['estimated_bits_per_weight']['gguf']:.2f}, "
-        f"bitsandbytes {summary['estimated_bits_per_weight']['bitsandbytes']:.2f}")
+    log_plan(plan)
     print(json_path)
     print(script)
+
+
+def log_plan(plan: Plan) -> None:
+    """What the plan decided, in a few log lines."""
+    summary = plan.summary()
+    log("plan: " + ", ".join(f"{p}: {c.tensors} matrices" for p, c in summary.matrices_by_precision.items())
+        + f"; blocks {summary.blocks_by_precision}")
+    budget = plan.budget
+    if budget:
+        types = collections.Counter(t.llama_type.value for t in plan.tensors if t.is_matrix)
+        log("gguf types: " + ", ".join(f"{name} {count}" for name, count in sorted(types.items())))
+        if budget.gguf.predicted_kld is not None:
+            log(f"predicted KLD (sum over tensors): gguf {budget.gguf.predicted_kld:.3g}"
+                + (f", bitsandbytes {budget.bitsandbytes.predicted_kld:.3g}"
+                   if budget.bitsandbytes.predicted_kld is not None else ""))
+        log(f"budget {budget.budget_bits_per_weight:.3f} bits/weight: gguf reaches "
+            f"{budget.gguf.bits_per_weight:.3f}, bitsandbytes {budget.bitsandbytes.bits_per_weight:.3f}"
+            + ("" if budget.bitsandbytes.meets_budget else
+               f" (its floor {budget.bitsandbytes.floor_bits_per_weight:.3f} exceeds the budget: all nf4)"))
+    log(f"estimated bits/weight: gguf {summary.gguf_bits_per_weight:.2f}, "
+        f"bitsandbytes {summary.bnb_bits_per_weight:.2f}")

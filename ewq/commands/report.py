@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..console import log
 from ..report import page
-from ..results.io import check_writable_dir
+from ..fileio import check_writable_dir
 from ..results.record import Variant
 from .common import PLANS_DIR, REPORTS_DIR, RESULTS_DIR, Parser, add_dry_run_arg, dry_run
 

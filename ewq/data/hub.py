@@ -26,7 +26,6 @@ class HubSet:
 
 WIKITEXT2 = HubSet("Salesforce/wikitext", "wikitext-2-raw-v1", "test", ("text",))
 BILLSUM = HubSet("FiscalNote/billsum", None, "test", ("text", "summary"))
-BY_NAME = {"wikitext2": WIKITEXT2, "billsum": BILLSUM}
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 

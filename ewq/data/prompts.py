@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from . import hub, wiki
@@ -21,14 +22,17 @@ REFERENCE_SENTENCES = 2
 WIKI = "wiki"  # the offline summarization items
 
 
-class Task:
-    CODE, MATH, SUMMARIZATION, REASONING = "code", "math", "summarization", "reasoning"
-    ALL = (CODE, MATH, SUMMARIZATION, REASONING)
+class Task(StrEnum):
+    """What a generation request asks for (a request's `task`, a key of the generation metrics)."""
+    CODE = "code"
+    MATH = "math"
+    SUMMARIZATION = "summarization"
+    REASONING = "reasoning"
 
 
 @dataclass(frozen=True)
 class Request:
-    task: str
+    task: Task
     prompt: str  # user message; chat-formatted by the backend's tokenizer when it has a template
     reference: str | None = None
 

@@ -19,7 +19,7 @@ import numpy as np
 from gguf import quants
 
 from ..errors import UserError
-from .types import LlamaType
+from ..quant_types import LlamaType
 
 
 @lru_cache(maxsize=1)

@@ -4,7 +4,7 @@ llama-quantize's `--tensor-type PATTERN=TYPE` is an unanchored std::regex_search
 `blk.1.` would also hit `blk.10.`; every pattern written here is anchored and escaped and
 matches exactly one GGUF tensor name. Overrides only apply when the base type is quantized,
 so the command uses a quantized base type and `--pure` (no built-in mix for unplanned tensors).
-Matrices llama-quantize never quantizes (types.never_quantized: MoE routers) get no override; the
+Matrices llama-quantize never quantizes (quant_types.never_quantized: MoE routers) get no override; the
 plan holds them in F32, as the converter writes them.
 llama.cpp replaces a type whose block does not divide a row (e.g. Q4_K on 576 columns) by a
 fallback; the plan picks a compatible type itself so that the file read back equals the plan.
@@ -15,7 +15,7 @@ import re
 import shlex
 
 from ..errors import UserError
-from .types import BASE_TYPE, never_quantized
+from ..quant_types import BASE_TYPE, never_quantized
 
 
 def anchored_pattern(gguf_name: str) -> str:

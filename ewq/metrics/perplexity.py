@@ -5,9 +5,10 @@ tokens, so every scored token sees at least context - stride tokens of context a
 scored twice. Standard errors are taken across windows (tokens inside one window are
 correlated, so a per-token SE would be too small).
 
-KLD(original || variant) per scored token = sum_v p_orig(v) * (log p_orig(v) - log p_variant(v)).
-The original run stores log p_orig for the first `kld_windows` windows as a float16
-[tokens, vocab] array beside its result; every variant reads it back.
+KLD(original || variant) per scored token = sum_v p_orig(v) * (log p_orig(v) - log p_variant(v)),
+computed by kld.token_kld (the project's one KLD). The original run stores log p_orig for the
+first `kld_windows` windows as a float16 [tokens, vocab] array beside its result; every variant
+reads it back.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from ..backends.base import Backend
 from ..console import progress
 from ..errors import UserError
+from .kld import token_kld
 from .stats import mean_se, percentile
 
 
@@ -59,7 +61,7 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
     starts = window_starts(len(tokens), spec)
     kld_windows = min(spec.kld_windows, len(starts))
     scored = slice(spec.context - spec.stride - 1, spec.context - 1)  # row i predicts token i+1
-    window_nll, window_kld, window_top1, token_kld = [], [], [], []
+    window_nll, window_kld, window_top1, per_token_kld = [], [], [], []
     bar = progress(total=len(starts), desc=f"perplexity [{backend.name}]", unit="window")
     for first in range(0, len(starts), backend.batch_size):
         windows = [tokens[start:start + spec.context] for start in starts[first:first + backend.batch_size]]
@@ -73,7 +75,7 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
             if record is not None:
                 record[block] = rows[:n_kld].half().cpu().numpy().reshape(-1, rows.shape[-1])
             if reference is not None:
-                _compare(rows[:n_kld], reference[block], window_kld, window_top1, token_kld)
+                _compare(rows[:n_kld], reference[block], window_kld, window_top1, per_token_kld)
         bar.update(len(windows))
     bar.close()
     nll_stats = mean_se(window_nll)
@@ -86,25 +88,25 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
                 "n_windows": len(starts), "n_tokens": len(starts) * spec.stride},
         "per_window_nll": window_nll,
     }
-    if reference is not None and token_kld:
+    if reference is not None and per_token_kld:
         kld_stats = mean_se(window_kld)
         top1_stats = mean_se(window_top1)
-        result["kld"] = {"mean": kld_stats.mean, "se": kld_stats.se, "p99": percentile(token_kld, 99),
-                         "max": max(token_kld), "n_windows": kld_stats.n, "n_tokens": len(token_kld)}
+        result["kld"] = {"mean": kld_stats.mean, "se": kld_stats.se, "p99": percentile(per_token_kld, 99),
+                         "max": max(per_token_kld), "n_windows": kld_stats.n, "n_tokens": len(per_token_kld)}
         result["same_top1"] = {"mean": top1_stats.mean, "se": top1_stats.se, "n_windows": top1_stats.n,
-                               "n_tokens": len(token_kld)}
+                               "n_tokens": len(per_token_kld)}
         result["per_window_kld"] = window_kld
         result["per_window_same_top1"] = window_top1
     return result
 
 
 def _compare(rows: torch.Tensor, reference: np.ndarray, window_kld: list, window_top1: list,
-             token_kld: list) -> None:
+             per_token_kld: list) -> None:
     """KLD(reference || rows) and same top-1 per token of the windows `rows` [n, stride, vocab];
     `reference` holds their n*stride float16 rows. Appends per window and per token."""
     ref = torch.from_numpy(np.array(reference, dtype=np.float16)).to(rows.device).float().view(rows.shape)
-    kld = (ref.exp() * (ref - rows)).sum(dim=-1).double()  # [n, stride]
-    token_kld.extend(kld.flatten().tolist())
+    kld = token_kld(ref.reshape(-1, ref.shape[-1]), rows.reshape(-1, rows.shape[-1])).view(rows.shape[:2])  # [n, stride]
+    per_token_kld.extend(kld.flatten().tolist())
     window_kld.extend(kld.mean(dim=1).tolist())
     window_top1.extend((ref.argmax(-1) == rows.argmax(-1)).double().mean(dim=1).tolist())
 

@@ -1,18 +1,22 @@
 """The quantization plan: read the weights, score them, decide, write the plan files.
 
-    model.py      the vocabulary (Precision, Granularity, Score, Rule, Reason), entries, params, hash,
-                  keep-rules and parameter-weighted aggregation
-    entropy.py    histogram entropy and the statistics recorded beside it
-    scores.py     entropy / error / random behind one Scorer interface
-    threshold.py  the threshold rule (EWQ's original decision)
-    budget.py     the size-budget allocation over type ladders
-    build.py      model directory -> Plan (read, score, decide)
-    files.py      plan JSON and quantize script: write, read and validate, find
+    entries.py     the plan's vocabulary (Granularity, Score, Rule, Reason), TensorEntry, BlockEntry, Plan,
+                   PlanParams, the hash; keep-rules and parameter-weighted aggregation
+    reports.py     what a plan reports of itself, typed: BudgetReport, PlanSummary
+    entropy.py     histogram entropy and the statistics recorded beside it
+    distortion.py  per tensor and type: exact bytes and the measured relative error
+    scores.py      entropy / error / random / kld behind one Scorer interface
+    threshold.py   decision 1: the threshold rule (EWQ's original)
+    allocate.py    one allocator over a menu (rank-ordered rounds, or the Lagrangian optimize.py)
+    budget.py      decision 2: the size-budget allocation, GGUF and bitsandbytes by the same code
+    create.py      model directory -> Plan (name, read, score, decide)
+    files.py       plan JSON and quantize script: write, read and validate, find
+The types a plan chooses from are ewq.quant_types; measured sensitivity is ewq.sensitivity.
 """
+from .entries import (BlockEntry, Granularity, Plan, PlanParams, Reason, Rule, Score, TensorEntry, Thresholds,
+                      keep_reason, plan_hash)
 from .files import find_plan, load_plan, plan_for_model, plan_path, script_path, write_plan
-from .model import (BlockEntry, Granularity, Plan, PlanParams, Precision, Reason, Rule, Score, TensorEntry, Thresholds,
-                    keep_reason, llama_type_for, plan_hash)
 
-__all__ = ["BlockEntry", "Granularity", "Plan", "PlanParams", "Precision", "Reason", "Rule", "Score", "TensorEntry",
-           "Thresholds", "find_plan", "keep_reason", "llama_type_for", "load_plan", "plan_for_model", "plan_hash",
+__all__ = ["BlockEntry", "Granularity", "Plan", "PlanParams", "Reason", "Rule", "Score", "TensorEntry",
+           "Thresholds", "find_plan", "keep_reason", "load_plan", "plan_for_model", "plan_hash",
            "plan_path", "script_path", "write_plan"]

@@ -1,12 +1,12 @@
 """Distortion per tensor and type: exact bytes and the measured relative error of every option.
 
-For the `kld` score every matrix may take any llama.cpp type of a wide ladder whose blocks divide
-its rows (Q3_K … Q8_0 and F16, the legacy Q4_0/Q4_1/Q5_0/Q5_1 and IQ4_NL/IQ4_XS), and any
-bitsandbytes precision. For each option this module gives
+For the `kld` score every matrix may take any llama.cpp type of its menu (quant_types.gguf_menu:
+Q3_K … Q8_0 and F16, the legacy Q4_0/Q4_1/Q5_0/Q5_1 and IQ4_NL/IQ4_XS, where their blocks divide
+its rows), and any bitsandbytes precision (quant_types.BNB_MENU). For each option this module gives
   bytes   exactly as written: rows × row bytes (llama-quantize), or bitsandbytes' storage;
   error   e_t(q) = Σⱼ aⱼ Σᵢ (wᵢⱼ−qᵢⱼ)² / Σⱼ aⱼ Σᵢ wᵢⱼ², aⱼ the importance of input column j (1 without
           an importance matrix), from llama.cpp's own quantizer and bitsandbytes' own round trip.
-The predicted ΔKLD of an option is α_t · e_t(q), α_t measured per tensor (measure.py).
+The predicted ΔKLD of an option is α_t · e_t(q), α_t measured per tensor (ewq.sensitivity, scores.py).
 """
 from __future__ import annotations
 
@@ -17,23 +17,8 @@ import numpy as np
 import torch
 
 from ..llamacpp.quantizers import ImportanceMatrix, round_trip, weighted_error
-from ..llamacpp.types import LlamaType
-from .model import Precision, TensorEntry, bnb_bits
-
-# Cheapest first at equal size, so that the reference type (the cheapest that fits) is reproducible.
-KLD_LADDER = (LlamaType.Q3_K, LlamaType.IQ4_XS, LlamaType.Q4_0, LlamaType.IQ4_NL, LlamaType.Q4_K, LlamaType.Q4_1,
-              LlamaType.Q5_0, LlamaType.Q5_K, LlamaType.Q5_1, LlamaType.Q6_K, LlamaType.Q8_0, LlamaType.F16)
-BNB_OPTIONS = (Precision.INT4, Precision.INT8, Precision.FP16)
-
-
-def gguf_options(entry: TensorEntry) -> list[LlamaType]:
-    """The ladder's types whose blocks divide the matrix's rows (F16 always)."""
-    return [t for t in KLD_LADDER if t.fits_rows(entry.ncols)]
-
-
-def reference_type(entry: TensorEntry) -> LlamaType:
-    """The type a tensor's sensitivity is measured at: its cheapest option (the largest error)."""
-    return min(gguf_options(entry), key=lambda t: (t.bits_per_weight, KLD_LADDER.index(t)))
+from ..quant_types import BNB_MENU, NF4_BLOCKSIZE, LlamaType, Precision, bnb_bits, gguf_menu
+from .entries import TensorEntry
 
 
 def gguf_bytes(entry: TensorEntry, llama_type: LlamaType) -> int:
@@ -49,7 +34,7 @@ def gguf_errors(entry: TensorEntry, values: np.ndarray, imatrix: ImportanceMatri
     """e_t(q) for every option, the types quantized on as many threads as there are cores (llama.cpp's
     quantizer runs outside the GIL)."""
     importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
-    options = gguf_options(entry)
+    options = gguf_menu(entry.ncols)
 
     def error(llama_type: LlamaType) -> float:
         return weighted_error(values, round_trip(values, llama_type, importance), importance)
@@ -62,8 +47,6 @@ def bnb_round_trip(values: torch.Tensor, precision: Precision) -> torch.Tensor:
     """What bitsandbytes' kernels see after quantizing a [rows, cols] matrix, as float32: nf4 in blocks
     of 64 with double-quantized absmax (Linear4bit), or int8 with one absmax per row (Linear8bitLt)."""
     import bitsandbytes.functional as F
-
-    from ..bitsandbytes_plan import NF4_BLOCKSIZE
 
     if precision is Precision.FP16:
         return values.to(torch.float16).float()
@@ -78,4 +61,4 @@ def bnb_round_trip(values: torch.Tensor, precision: Precision) -> torch.Tensor:
 def bnb_errors(entry: TensorEntry, values: torch.Tensor, imatrix: ImportanceMatrix | None) -> dict[Precision, float]:
     importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
     matrix = values.float()
-    return {p: weighted_error(matrix.numpy(), bnb_round_trip(matrix, p).numpy(), importance) for p in BNB_OPTIONS}
+    return {p: weighted_error(matrix.numpy(), bnb_round_trip(matrix, p).numpy(), importance) for p in BNB_MENU}

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..llamacpp.script import quantize_script
-from ..results.io import ensure_writable_dir, read_json, write_json_atomic, write_text_atomic
+from ..fileio import ensure_writable_dir, read_json, write_json_atomic, write_text_atomic
 from . import budget, threshold
 from .entropy import ENTROPY_FORMULA
-from .model import SCHEMA_VERSION, BlockEntry, Plan, PlanParams, TensorEntry, Thresholds
+from .entries import SCHEMA_VERSION, BlockEntry, Plan, PlanParams, TensorEntry, Thresholds
+from .reports import BudgetReport
 
 PLAN_PREFIX, SCRIPT_PREFIX = "quant_plan_", "quantize_command_"
 _TENSOR_FIELDS = {f.name for f in dataclasses.fields(TensorEntry)
@@ -45,8 +46,8 @@ def to_json(plan: Plan) -> dict:
             **threshold.RULE_TEXT,
             "thresholds": {level: dataclasses.asdict(th) for level, th in plan.thresholds.items()},
         },
-        "summary": plan.summary(),
-        "budget": plan.budget,
+        "summary": plan.summary().to_json(),
+        "budget": plan.budget.to_json() if plan.budget else None,
         "blocks": [b.to_json() for b in plan.blocks],
         "tensors": [t.to_json() for t in plan.tensors],
     }
@@ -81,7 +82,7 @@ def from_json(data: dict, source: str) -> Plan:
                     params=PlanParams(**raw_params), tensors=tensors,
                     blocks=[BlockEntry(**b) for b in data["blocks"]],
                     thresholds={k: Thresholds(**v) for k, v in data["decision_rule"]["thresholds"].items()},
-                    budget=data.get("budget"), created_unix=data["created_unix"])
+                    budget=BudgetReport.from_json(data.get("budget")), created_unix=data["created_unix"])
     except UserError as error:
         raise bad(str(error).removeprefix(f"plan {source} is invalid: ")) from None
     except (KeyError, TypeError, ValueError) as error:

@@ -13,17 +13,19 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import UserError
-from ..metrics.stats import Estimate, paired_difference
+from ..metrics.stats import paired_difference
+from ..results.estimate import Estimate
+from ..plan.entries import PlanParams, Score
 from ..plan.files import find_plan, load_plan
-from ..results.io import ensure_writable_dir, write_text_atomic
+from ..fileio import ensure_writable_dir, write_text_atomic
 from ..results.record import LLAMA_CPP_PRESETS, Result, Variant
-from ..sensitivity import PREDICTORS, STUDY_KIND, tensor_kind
+from ..study import PREDICTORS, StudyFile, tensor_kind
 from . import plots
 
 MIB = 2**20
 
 
-def load_results(results_dir: Path) -> tuple[list[Result], list[dict]]:
+def load_results(results_dir: Path) -> tuple[list[Result], list[StudyFile]]:
     """Benchmark results and sensitivity studies found in results_dir; unreadable files are skipped."""
     if not results_dir.is_dir():
         raise UserError(f"results directory not found: {results_dir}")
@@ -33,8 +35,9 @@ def load_results(results_dir: Path) -> tuple[list[Result], list[dict]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(data, dict) and data.get("kind") == STUDY_KIND:
-            studies.append(data)
+        study = StudyFile.from_json(data)
+        if study is not None:
+            studies.append(study)
         elif Result.is_result(data):
             found.append(Result(data, path))
     return found, studies
@@ -186,7 +189,7 @@ def preset_size_rows(rows: list[Result]) -> list[list[str]]:
         if preset is None:
             continue
         plans = [r for r in rows if r.kld is not None and r.plan_file
-                 and (_plan_params(r.plan_file) or {}).get("target_bytes") == preset.weight_bytes]
+                 and getattr(_plan_params(r.plan_file), "target_bytes", None) == preset.weight_bytes]
         if not plans:
             continue
         for r in [preset] + sorted(plans, key=lambda r: r.kld.mean):
@@ -205,13 +208,12 @@ def preset_size_rows(rows: list[Result]) -> list[list[str]]:
 
 
 @lru_cache(maxsize=None)
-def _plan_params(plan_file: str) -> dict | None:
+def _plan_params(plan_file: str) -> PlanParams | None:
     """The params of a plan file, read once per report; None if it is gone or unreadable."""
     try:
-        params = json.loads(Path(plan_file).read_text()).get("params")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return load_plan(Path(plan_file)).params
+    except UserError:
         return None
-    return params if isinstance(params, dict) else None
 
 
 def plan_score(r: Result) -> str:
@@ -222,10 +224,9 @@ def plan_score(r: Result) -> str:
     params = _plan_params(plan_file)
     if params is None:
         return "plan file missing or unreadable"
-    if params.get("target_bpw") is None and params.get("target_bytes") is None:
+    if not params.is_budget:
         return "entropy thresholds"
-    score = params.get("score", "entropy")
-    return f"budget, {score}" + (f" (seed {params.get('seed', 0)})" if score == "random" else "")
+    return f"budget, {params.score.value}" + (f" (seed {params.seed})" if params.score is Score.RANDOM else "")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -278,25 +279,24 @@ def entropy_figure(plans_dir: Path, model_hash: str, out_dir: Path) -> tuple[Pat
     return path, str(plan_file)
 
 
-def study_section(studies: list[dict], model_hash: str, out_dir: Path) -> list[str]:
-    mine = [s for s in studies if s.get("model_hash") == model_hash]
+def study_section(studies: list[StudyFile], model_hash: str, out_dir: Path) -> list[str]:
+    mine = [s for s in studies if s.model_hash == model_hash]
     if not mine:
         return ["_No sensitivity study for this model in the results directory (run study_sensitivity.py)._"]
-    study = max(mine, key=lambda s: s.get("created_utc", ""))
-    png = plots.sensitivity_scatter(study["units"], study["correlations"], PREDICTORS, out_dir / "sensitivity.png")
-    w = study["windows"]
-    lines = [f"KLD vs the original when only one unit is quantized to 4 bits ({study['four_bit_rule']}; "
-             f"imatrix: {study['imatrix'] or 'none'}), on {w['n_windows']} windows x {w['stride']} scored tokens. "
+    study = max(mine, key=lambda s: s.created_utc)
+    png = plots.sensitivity_scatter(study.units, study.correlations, PREDICTORS, out_dir / "sensitivity.png")
+    lines = [f"KLD vs the original when only one unit is quantized to 4 bits ({study.four_bit_rule}; "
+             f"imatrix: {study.imatrix or 'none'}), on {study.n_windows} windows x {study.stride} scored tokens. "
              "Spearman's rho against KLD, 95% bootstrap interval over units:", ""]
     header = ["level", "units"] + list(PREDICTORS)
     rows = []
-    for level, stats in study["correlations"].items():
-        n = sum(1 for u in study["units"] if u["level"] == level)
+    for level, stats in study.correlations.items():
+        n = sum(1 for u in study.units if u.level == level)
         cells = []
         for key in PREDICTORS:
             s = stats[key]
-            cells.append("n/a (constant)" if s["rho"] is None else
-                         f"{s['rho']:+.2f} [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]" if s.get("ci") else f"{s['rho']:+.2f}")
+            cells.append("n/a (constant)" if s.rho is None else
+                         f"{s.rho:+.2f} [{s.ci[0]:+.2f}, {s.ci[1]:+.2f}]" if s.ci else f"{s.rho:+.2f}")
         rows.append([level, str(n)] + cells)
     lines += [markdown_table(header, rows), "", f"![sensitivity]({png.name})"]
     return lines

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..results.io import atomic_path  # noqa: E402
+from ..fileio import atomic_path  # noqa: E402
 
 
 def _save(fig, target: Path) -> Path:
@@ -83,31 +83,33 @@ def mmlu_by_subject(per_variant: dict[str, dict[str, dict]], target: Path) -> Pa
     return _save(fig, target)
 
 
-def sensitivity_scatter(rows: list[dict], correlations: dict, predictors: tuple[str, ...], target: Path) -> Path:
-    """One panel per (level, predictor): KLD when only that unit is 4-bit vs the predictor."""
-    levels = sorted({r["level"] for r in rows})
+def sensitivity_scatter(rows: list, correlations: dict, predictors: tuple[str, ...], target: Path) -> Path:
+    """One panel per (level, predictor): KLD when only that unit is 4-bit vs the predictor (rows:
+    study.UnitRow, correlations: level -> predictor -> study.Correlation)."""
+    levels = sorted({r.level for r in rows})
     fig, axes = plt.subplots(len(levels), len(predictors), figsize=(3.1 * len(predictors), 3 * len(levels)),
                              squeeze=False)
     for i, level in enumerate(levels):
-        subset = [r for r in rows if r["level"] == level]
+        subset = [r for r in rows if r.level == level]
         for j, key in enumerate(predictors):
             ax = axes[i][j]
-            ax.errorbar([r[key] for r in subset], [r["kld"]["mean"] for r in subset],
-                        yerr=[r["kld"]["se"] or 0 for r in subset], fmt="o", ms=3, capsize=2)
+            ax.errorbar([r.predictors[key] for r in subset], [r.kld for r in subset],
+                        yerr=[r.kld_se or 0 for r in subset], fmt="o", ms=3, capsize=2)
             if level == "kind":
                 for r in subset:
-                    ax.annotate(r["unit"], (r[key], r["kld"]["mean"]), fontsize=6)
+                    ax.annotate(r.unit, (r.predictors[key], r.kld), fontsize=6)
             stat = correlations[level][key]
-            rho = "n/a (constant)" if stat["rho"] is None else f"{stat['rho']:+.2f}"
-            ci = "" if not stat.get("ci") else f" [{stat['ci'][0]:+.2f}, {stat['ci'][1]:+.2f}]"
+            rho = "n/a (constant)" if stat.rho is None else f"{stat.rho:+.2f}"
+            ci = "" if not stat.ci else f" [{stat.ci[0]:+.2f}, {stat.ci[1]:+.2f}]"
             ax.set_title(f"{level}: rho {rho}{ci}", fontsize=8)
             ax.set_xlabel(key, fontsize=8)
             if j == 0:
                 ax.set_ylabel("KLD, only this unit 4-bit", fontsize=8)
             ax.tick_params(labelsize=7)
-            if all(r["kld"]["mean"] > 0 for r in subset):
+            if all(r.kld > 0 for r in subset):
                 ax.set_yscale("log")
-            if key == "numel" and max(r[key] for r in subset) > 10 * max(1, min(r[key] for r in subset)):
+            values = [r.predictors[key] for r in subset]
+            if key == "numel" and max(values) > 10 * max(1, min(values)):
                 ax.set_xscale("log")
     fig.tight_layout()
     return _save(fig, target)

@@ -1,2 +1,2 @@
-"""Results on disk: safe writes (io.py), the result file's layout and reader (record.py), checkpoints for
---resume (checkpoint.py), the measuring environment (environment.py)."""
+"""Results on disk: the result file's layout and reader (record.py), every figure's Estimate (estimate.py),
+checkpoints for --resume (checkpoint.py), the measuring environment (environment.py)."""

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..console import log
 from ..errors import UserError
-from .io import remove_stale_partials, write_json_atomic
+from ..fileio import remove_stale_partials, write_json_atomic
 
 CHECKPOINT_DIR = ".checkpoints"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from ..metrics.stats import Estimate
+from .estimate import Estimate
 
 RESULT_SCHEMA_VERSION = 1
 COMPARISON = "comparison_vs_original"  # paired deltas against the original (bench.run.compare)

@@ -19,12 +19,11 @@ from torch import nn
 from . import experts, weights
 from .console import progress
 from .errors import UserError
-from .plan.model import Plan, Precision
+from .plan.entries import Plan
+from .quant_types import INT8_OUTLIER_THRESHOLD, NF4_BLOCKSIZE, Precision
 from .weights import ModelFiles
 from .results.record import WeightsReport
 
-INT8_OUTLIER_THRESHOLD = 6.0
-NF4_BLOCKSIZE = 64
 
 
 def _bnb():

@@ -1,44 +1,45 @@
-"""Building a plan from a model directory, in four steps: read, score, decide, (the caller) write.
+"""Creating a plan from a model directory, in four steps: name, read, score, decide; (the caller) writes.
 
     name    every tensor's GGUF name, from llama.cpp's converter (llamacpp.names); a plan whose
             matrices cannot all be named is refused: its quantize script would not reach them.
             MoE experts stacked into one GGUF tensor are one entry (ewq.experts); a matrix the
-            converter rearranges is one entry per tensor it writes (ewq.converted)
+            converter rearranges is one entry per tensor it writes (ewq.rearranged: its parts,
+            passed on to whatever measures the model)
     read    every floating-point tensor once, memory-mapped, one at a time (weights.iter_tensors):
-            its statistics and entropy (entropy.py); a scorer measures what it needs meanwhile
+            its statistics and entropy (entropy.py), its keep-rule (entries.apply_keep_rule); a
+            scorer measures what it needs meanwhile
     score   every matrix that no keep-rule holds (scores.py)
-    decide  the threshold rule or the size-budget allocation (threshold.py / budget.py)
+    decide  the threshold rule or the size-budget allocation (threshold.py / budget.py); a kld plan
+            then measures itself whole on the calibration windows, with the model the scores were
+            measured with (additivity: predicted against measured)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .. import converted, experts, weights
+from .. import experts, rearranged, weights
 from ..console import log, progress
 from ..errors import UserError
 from ..llamacpp.names import Naming, gguf_names
 from ..llamacpp.quantizers import ImportanceMatrix
+from ..sensitivity.cached import CachedSensitivity, CalibrationSpec
+from ..weights import block_index
 from . import budget, threshold
+from .entries import Plan, PlanParams, Score, TensorEntry, apply_keep_rule
 from .entropy import tensor_stats
-from . import measure
-from .measure import CalibrationSpec
-from .model import Decision, Plan, PlanParams, Rule, Score, TensorEntry, block_index, keep_reason
-from .scores import Calibration, Scores, scorer_for
+from .scores import scorer_for
 
-DECISIONS: dict[Rule, Callable[[list[TensorEntry], PlanParams, Scores], Decision]] = {
-    Rule.THRESHOLD: threshold.decide,
-    Rule.BUDGET: budget.decide,
-}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo], stacks: dict[str, list[str]],
-                 unread: list[weights.TensorInfo]) -> tuple[dict[str, str | None], dict[str, list[converted.Part]]]:
+                 unread: list[weights.TensorInfo]) -> tuple[dict[str, str | None], dict[str, list[rearranged.Part]]]:
     """(hf name -> GGUF name of every tensor of `infos` (an expert's matrix: its stack's, ewq.experts),
-    checkpoint matrix -> its parts for every matrix the converter rearranges (ewq.converted)); a
+    checkpoint matrix -> its parts for every matrix the converter rearranges (ewq.rearranged)); a
     UserError if a matrix has no name, if the converter writes it neither under that name and shape
     nor rearranged, or if a matrix is stored quantized (`unread`: the tensors that are not floats)."""
     asked = {info.name: experts.stack_name(info.name) or info.name for info in infos}
@@ -49,7 +50,7 @@ def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo], sta
                         "so no plan for one")
     check_not_quantized(files, unread, naming)
     named = {name: naming.names.get(asked[name]) for name in asked}
-    parts = converted.parts_of(naming, {info.name: info.shape for info in infos})
+    parts = rearranged.parts_of(naming, {info.name: info.shape for info in infos})
     # biases the converter writes under names of its own (GPT-OSS's per-expert [experts, out] ones)
     biases = {name for name, outputs in (naming.written or {}).items()
               if outputs and all(output.name.endswith(".bias") for output in outputs)}
@@ -68,7 +69,6 @@ def name_tensors(files: weights.ModelFiles, infos: list[weights.TensorInfo], sta
                         f"e.g. {unnamed[0]}: llama.cpp's converter merges or renames them, which a plan cannot "
                         "follow yet")
     check_written(files, [info for info in infos if info.name not in planned], stacks, named, naming)
-    converted.remember(files.root, parts)
     return named, parts
 
 
@@ -123,16 +123,32 @@ def new_entry(name: str, gguf_name: str | None, shape: list[int], dtype: str, va
                        max_abs_over_std=stats.max_abs_over_std, excess_kurtosis=stats.excess_kurtosis, **extra)
 
 
-def read_entries(files: weights.ModelFiles, bins: int,
-                 on_tensor: Callable[[TensorEntry, torch.Tensor], None] | None = None) -> list[TensorEntry]:
-    """One TensorEntry per floating-point tensor, per stack of MoE experts (their matrices stacked as
-    llama.cpp does) or per part of a matrix the converter rearranges (the part as written), with
-    entropy and statistics; `on_tensor` sees each entry with its values while they are in memory
-    (the only read of the weights)."""
+@dataclass(frozen=True)
+class ModelNames:
+    """What the naming step found: the floating-point tensors, MoE stacks (stack -> members in expert
+    order), GGUF names (hf name -> name) and the parts of rearranged matrices (source -> parts)."""
+    infos: list[weights.TensorInfo]
+    stacks: dict[str, list[str]]
+    names: dict[str, str | None]
+    parts: dict[str, list[rearranged.Part]]
+
+
+def name_model(files: weights.ModelFiles) -> ModelNames:
+    """The naming step (module doc), once per plan."""
     every = weights.list_tensors(files)
     infos = [t for t in every if t.dtype in FLOAT_DTYPES]
     stacks = experts.stacks([info.name for info in infos])
     names, parts = name_tensors(files, infos, stacks, [t for t in every if t.dtype not in FLOAT_DTYPES])
+    return ModelNames(infos, stacks, names, parts)
+
+
+def read_entries(files: weights.ModelFiles, params: PlanParams, named: ModelNames,
+                 on_tensor: Callable[[TensorEntry, torch.Tensor], None] | None = None) -> list[TensorEntry]:
+    """One TensorEntry per floating-point tensor, per stack of MoE experts (their matrices stacked as
+    llama.cpp does) or per part of a matrix the converter rearranges (the part as written), with
+    entropy, statistics and keep-rule; `on_tensor` sees each entry with its values while they are in
+    memory (the only read of the weights)."""
+    infos, stacks, names, parts = list(named.infos), named.stacks, named.names, named.parts
     stack_of = {member: stack for stack, members in stacks.items() for member in members}
     # members of a stack next to each other, in expert order, so that one stack at a time is held
     position = {info.name: i for i, info in enumerate(infos)}
@@ -142,6 +158,7 @@ def read_entries(files: weights.ModelFiles, bins: int,
     entries = []
 
     def add(entry: TensorEntry, values: torch.Tensor) -> None:
+        apply_keep_rule(entry, params)
         entries.append(entry)
         if on_tensor is not None:
             on_tensor(entry, values)
@@ -151,7 +168,7 @@ def read_entries(files: weights.ModelFiles, bins: int,
         if name in parts:
             for part in parts[name]:
                 values = part.of(tensor)
-                add(new_entry(part.name, part.gguf_name, list(part.shape), info.dtype, values, bins, files,
+                add(new_entry(part.name, part.gguf_name, list(part.shape), info.dtype, values, params.bins, files,
                               source=name), values)
             continue
         stack = stack_of.get(name)
@@ -161,33 +178,37 @@ def read_entries(files: weights.ModelFiles, bins: int,
                 continue
             tensor = torch.stack(held.pop(stack))
             name, shape = stack, [len(stacks[stack]), *shape]
-        add(new_entry(name, names.get(info.name), shape, info.dtype, tensor, bins, files,
+        add(new_entry(name, names.get(info.name), shape, info.dtype, tensor, params.bins, files,
                       experts=stacks.get(stack) if stack else None), tensor)
         del tensor
     entries.sort(key=lambda e: (e.block is not None, e.block or 0, e.hf_name))
     return entries
 
 
-def create_plan(model: str, params: PlanParams, imatrix: ImportanceMatrix | None = None,
-                cache_dir: Path | None = None, device: str = "cpu") -> Plan:
-    """The plan of `model`; the kld score measures on `device` and caches in `cache_dir`."""
-    files = weights.open_model(model)
+def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: ImportanceMatrix | None = None,
+                cache_dir: Path | None = None, device: str = "cpu", model_id: str | None = None) -> Plan:
+    """The plan of `model` (a directory or hub id, or its files already opened; `model_id` is what the
+    plan records, default the name given); the kld score measures on `device` and caches in `cache_dir`."""
+    files = model if isinstance(model, weights.ModelFiles) else weights.open_model(model)
+    model_id = model_id or (model if isinstance(model, str) else str(files.root))
     log(f"model {files.root} ({files.model_type}, {files.num_layers} blocks, {len(files.weight_files)} file(s))")
     model_hash = weights.model_hash(files)
-    calibration = None
+    named = name_model(files)
+    sensitivity = None
     if params.score is Score.KLD:
-        calibration = Calibration(files.root, model_hash, Path(cache_dir or "."), device,
-                                  CalibrationSpec(params.calibration_windows, params.calibration_context))
-    scorer = scorer_for(params, imatrix, calibration)
-    tensors = read_entries(files, params.bins, scorer.observe)
-    scores = scorer.scores([t for t in tensors if keep_reason(t, params) is None])
-    decision = DECISIONS[params.rule](tensors, params, scores)
-    if params.score is Score.KLD:
-        gguf = decision.budget["gguf"]
-        ranked = [t for t in tensors if t.rank_score is not None]
-        gguf["measured_kld_calibration"] = measure.whole_plan_kld(files.root, ranked, imatrix, calibration.spec,
-                                                                  calibration.device)
-        log(f"additivity on the calibration windows: predicted KLD {gguf['predicted_kld']:.3g} (sum over tensors), "
-            f"measured {gguf['measured_kld_calibration']:.3g} (all tensors at once)")
-    return Plan(model_id=model, model_hash=model_hash, model_type=files.model_type, params=params,
+        sensitivity = CachedSensitivity(files.root, model_hash,
+                                        CalibrationSpec(params.calibration_windows, params.calibration_context),
+                                        device, Path(cache_dir or "."), imatrix, params.imatrix_digest,
+                                        rearranged.by_name(named.parts))
+    scorer = scorer_for(params, imatrix, sensitivity)
+    tensors = read_entries(files, params, named, scorer.observe)
+    scores = scorer.scores([t for t in tensors if not t.is_kept])
+    decision = budget.decide(tensors, params, scores) if params.is_budget else \
+        threshold.decide(tensors, params, scores.rank)
+    if sensitivity is not None:
+        gguf = decision.budget.gguf
+        gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None])
+        log(f"additivity on the calibration windows: predicted KLD {gguf.predicted_kld:.3g} (sum over tensors), "
+            f"measured {gguf.measured_kld_calibration:.3g} (all tensors at once)")
+    return Plan(model_id=model_id, model_hash=model_hash, model_type=files.model_type, params=params,
                 tensors=tensors, blocks=decision.blocks, thresholds=decision.thresholds, budget=decision.budget)

@@ -1,16 +1,16 @@
-"""The quantization plan's data model: its vocabulary (enums), entries, parameters and hash.
+"""The plan's entries and their vocabulary: what a plan says of each tensor and block, its parameters and hash.
 
 A plan holds one TensorEntry per floating-point tensor of the model (its statistics, the score
 it was ranked by, and what was decided: a bitsandbytes precision and a llama.cpp type, with the
-reason) and one BlockEntry per transformer block. How entries are scored lives in
-`scores.py`, how they are decided in `threshold.py` / `budget.py`, files in `files.py`.
-Keep-rules and the parameter-weighted aggregation over tensors are written here, once.
+reason) and one BlockEntry per transformer block. The types themselves are ewq.quant_types; what a
+plan reports of itself is reports.py; how entries are scored lives in `scores.py`, how they are
+decided in `threshold.py` / `budget.py`, files in `files.py`. Keep-rules (applied once, when an entry
+is read: create.py) and the parameter-weighted aggregation over tensors are written here, once.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,27 +18,10 @@ from enum import Enum
 from functools import cached_property
 from typing import Callable, Hashable, Iterable
 
-from ..llamacpp.types import VECTOR_TYPE, LlamaType, never_quantized, parse_type
+from ..quant_types import VECTOR_TYPE, LlamaType, Precision, bnb_bits, never_quantized, parse_type
+from .reports import BudgetReport, PlanSummary, PrecisionCount
 
 SCHEMA_VERSION = 1
-
-
-class Precision(str, Enum):
-    """What bitsandbytes holds a matrix in."""
-    FP16 = "fp16"
-    INT8 = "8bit"
-    INT4 = "4bit"
-
-
-# llama.cpp type per precision, best first; the first whose block divides the row length is used.
-LLAMA_TYPES = {
-    Precision.FP16: (LlamaType.F16,),
-    Precision.INT8: (LlamaType.Q8_0,),
-    Precision.INT4: (LlamaType.Q4_K, LlamaType.Q4_0),
-}
-# bitsandbytes storage, bits per weight: int8 + one fp32 scale per row; nf4 in blocks of 64 with
-# double-quantized absmax (8-bit absmax per block + fp32 per 256 blocks).
-BNB_NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
 
 class Score(str, Enum):
@@ -46,7 +29,7 @@ class Score(str, Enum):
     ENTROPY = "entropy"
     ERROR = "error"
     RANDOM = "random"
-    KLD = "kld"  # predicted ΔKLD per type from measured sensitivity (measure.py): a Lagrangian allocation
+    KLD = "kld"  # predicted ΔKLD per type from measured sensitivity (ewq.sensitivity): a Lagrangian allocation
 
 
 class Reason(str, Enum):
@@ -67,6 +50,10 @@ class Reason(str, Enum):
     def budget(cls, score: Score) -> "Reason":
         return cls(f"budget:{score.value}")
 
+    @property
+    def is_keep(self) -> bool:
+        return self.value.startswith("keep:")
+
 
 class Granularity(str, Enum):
     """The level the threshold rule decides at (a plan records both)."""
@@ -80,7 +67,6 @@ class Rule(str, Enum):
     BUDGET = "budget"
 
 
-_BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "token_embd")
 
 
@@ -186,7 +172,7 @@ class TensorEntry:
     # a stack of MoE experts (ewq.experts): the checkpoint's per-expert matrices, in expert order,
     # that llama.cpp stacks into this one tensor (shape [experts, out, in]); None for a tensor of its own
     experts: list[str] | None = None
-    # a part of a checkpoint matrix that llama.cpp's converter rearranges (ewq.converted): that
+    # a part of a checkpoint matrix that llama.cpp's converter rearranges (ewq.rearranged): that
     # matrix's name (hf_name is `<source>:<gguf_name>`, shape as written); None for a tensor of its own
     source: str | None = None
 
@@ -202,6 +188,11 @@ class TensorEntry:
         if (self.gguf_name or "").endswith(".bias"):
             return False
         return len(self.shape) == 2 or bool(self.experts) or (bool(self.source) and len(self.shape) >= 2)
+
+    @property
+    def is_kept(self) -> bool:
+        """A keep-rule holds it (apply_keep_rule): no decision ranks it."""
+        return self.reason is not None and self.reason.is_keep
 
     @property
     def is_bnb_linear(self) -> bool:
@@ -259,7 +250,7 @@ class Plan:
     tensors: list[TensorEntry]
     blocks: list[BlockEntry]
     thresholds: dict[str, Thresholds]
-    budget: dict | None = None  # what a size-budget plan reached (budget.decide)
+    budget: BudgetReport | None = None  # what a size-budget plan reached (budget.decide)
     created_unix: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
 
@@ -274,22 +265,20 @@ class Plan:
     def _by_name(self) -> dict[str, TensorEntry]:
         return {t.hf_name: t for t in self.tensors}
 
-    def summary(self) -> dict:
-        counts = {p.value: {"tensors": 0, "params": 0} for p in Precision}
+    def summary(self) -> PlanSummary:
+        counts = {p.value: [0, 0] for p in Precision}  # tensors, params
         for t in self.tensors:
             if t.is_matrix:
-                counts[t.precision.value]["tensors"] += 1
-                counts[t.precision.value]["params"] += t.numel
+                counts[t.precision.value][0] += 1
+                counts[t.precision.value][1] += t.numel
         total = sum(t.numel for t in self.tensors)
         gguf_bits = sum(t.numel * t.llama_type.bits_per_weight for t in self.tensors)
         bnb_bits = sum(t.numel * bnb_bits_per_weight(t) for t in self.tensors)
-        return {
-            "matrices_by_precision": counts,
-            "blocks_by_precision": {p.value: sum(b.precision == p for b in self.blocks) for p in Precision},
-            "total_params": total,
-            "estimated_bits_per_weight": {"gguf": gguf_bits / max(total, 1), "bitsandbytes": bnb_bits / max(total, 1)},
-            "estimated_bytes": {"gguf": int(gguf_bits / 8), "bitsandbytes": int(bnb_bits / 8)},
-        }
+        return PlanSummary(
+            matrices_by_precision={p: PrecisionCount(*c) for p, c in counts.items()},
+            blocks_by_precision={p.value: sum(b.precision == p for b in self.blocks) for p in Precision},
+            total_params=total, gguf_bits_per_weight=gguf_bits / max(total, 1),
+            bnb_bits_per_weight=bnb_bits / max(total, 1), gguf_bytes=int(gguf_bits / 8), bnb_bytes=int(bnb_bits / 8))
 
 
 @dataclass
@@ -297,7 +286,7 @@ class Decision:
     """What a decision (threshold.decide, budget.decide) returns beside the entries it fills in."""
     blocks: list[BlockEntry]
     thresholds: dict[str, Thresholds]
-    budget: dict | None = None  # what a size-budget plan reached
+    budget: BudgetReport | None = None  # what a size-budget plan reached
 
 
 # --- rules shared by every decision ---------------------------------------------------------------
@@ -317,24 +306,13 @@ def keep_reason(t: TensorEntry, params: PlanParams) -> Reason | None:
     return None
 
 
-def keep(t: TensorEntry, reason: Reason) -> None:
-    """Apply a keep-rule: vectors and what llama.cpp never quantizes stay in its F32, kept matrices in F16."""
-    t.precision, t.reason = Precision.FP16, reason
-    t.llama_type = VECTOR_TYPE if reason in (Reason.VECTOR, Reason.LLAMA_CPP) else LlamaType.F16
-
-
-def llama_type_for(precision: Precision, t: TensorEntry) -> LlamaType:
-    if not t.is_matrix:
-        return VECTOR_TYPE
-    for llama_type in LLAMA_TYPES[precision]:
-        if llama_type.fits_rows(t.ncols):
-            return llama_type
-    return LlamaType.F16  # no block size divides the row: llama.cpp would fall back to F16 too
-
-
-def block_index(hf_name: str) -> int | None:
-    match = _BLOCK_INDEX.search(hf_name)
-    return int(match.group(1)) if match else None
+def apply_keep_rule(t: TensorEntry, params: PlanParams) -> None:
+    """The one place keep-rules are applied (when an entry is read): vectors and what llama.cpp never
+    quantizes stay in its F32, kept matrices in F16, with the rule as reason (TensorEntry.is_kept)."""
+    reason = keep_reason(t, params)
+    if reason is not None:
+        t.precision, t.reason = Precision.FP16, reason
+        t.llama_type = VECTOR_TYPE if reason in (Reason.VECTOR, Reason.LLAMA_CPP) else LlamaType.F16
 
 
 def numel_by(entries: Iterable[TensorEntry], key: Callable[[TensorEntry], Hashable]) -> dict:
@@ -354,11 +332,3 @@ def param_weighted_mean(entries: list[TensorEntry], value: Callable[[TensorEntry
 def bnb_bits_per_weight(t: TensorEntry) -> float:
     return bnb_bits(t.precision, t.ncols) if t.is_matrix else 16.0
 
-
-def bnb_bits(precision: Precision, ncols: int) -> float:
-    """bitsandbytes storage of a matrix with rows of `ncols` values, per weight."""
-    if precision is Precision.FP16:
-        return 16.0
-    if precision is Precision.INT8:
-        return 8.0 + 32.0 / ncols
-    return BNB_NF4_BITS

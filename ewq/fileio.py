@@ -8,7 +8,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
+from .errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
 

