@@ -12,7 +12,8 @@ Then, as the issue asks: one importance matrix (calibration-role text), llama.cp
 its tensor bytes the plans by kld, error and entropy (the issue's command), each file measured by
 llama-perplexity --kl-divergence against the F16 file on evaluation-role text the calibration never saw.
 
-    python -m benchmarks.off_grid [--out-dir .cache/off-grid-<seed>] [--seed 0] [--chunks 24]
+    python -m benchmarks.off_grid [--stand-in noise|twin] [--out-dir DIR] [--seed 0] [--chunks 24]
+                                  [--allocator optimized|ranked]
 
 Files are kept in --out-dir; a second run measures again from them (about 25 minutes on 2 cores the
 first time, most of it the kld plan's sensitivities).
@@ -74,27 +75,35 @@ def write_off_grid_model(source: Path, target: Path, seed: int) -> dict[str, int
     return grids
 
 
-def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir: Path, f16: Path) -> Path:
+def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir: Path, f16: Path,
+              allocator: str = "optimized") -> Path:
     """The issue's command for one score, then the plan's quantize script: the planned GGUF."""
     from ewq.processes import run_tool
     from ewq.llamacpp import tools as llama_tools
 
     command = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", model, "--target-size",
-               target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir]
-    command += ["--imatrix", imatrix] if score in ("kld", "error") else []
+               target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir,
+               "--allocator", allocator]
+    command += ["--imatrix", imatrix] if score in ("kld", "error") or allocator == "optimized" else []
     plan, script = run_tool(command, f"the {score} plan").stdout.split()[:2]
-    out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}.gguf"
+    out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}-{allocator}.gguf"
     return llama_tools.quantize_with_plan(Path(script), f16, out, imatrix)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stand-in", choices=("noise", "twin"), default="noise",
+                        help="noise: every weight moved within half a step of its grid; twin: the function-"
+                             "preserving rotated twin (benchmarks.rotated_twin, bf16)")
     parser.add_argument("--out-dir", type=Path, help="where the stand-in model and its files are kept "
-                        "(default: .cache/off-grid-<seed>)")
-    parser.add_argument("--seed", type=int, default=0, help="of the noise that moves the weights off their grid")
+                        "(default: .cache/off-grid-<seed>, .cache/off-grid-twin-<seed>)")
+    parser.add_argument("--seed", type=int, default=0, help="of the noise, or of the twin's rotation")
     parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
+    parser.add_argument("--allocator", choices=("optimized", "ranked"), default="optimized",
+                        help="of the error and entropy plans (the kld plan is always optimized)")
     args = parser.parse_args(argv)
-    args.out_dir = args.out_dir or ROOT / ".cache" / f"off-grid-{args.seed}"
+    name = "off-grid" if args.stand_in == "noise" else "off-grid-twin"
+    args.out_dir = args.out_dir or ROOT / ".cache" / f"{name}-{args.seed}"
 
     from ewq import assets, weights
     from ewq.llamacpp.tools import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
@@ -105,16 +114,22 @@ def main(argv=None) -> None:
 
     out, threads, context = args.out_dir, torch.get_num_threads(), 512
     model = out / "model"
-    grids = write_off_grid_model(Path(assets.default_model()), model, args.seed)
-    if grids:
-        print(f"off-grid model written: matrices per grid {grids}")
+    if args.stand_in == "twin":
+        from benchmarks.rotated_twin import write_twin
+
+        write_twin(Path(assets.default_model()), model, args.seed, torch.bfloat16)
+    else:
+        grids = write_off_grid_model(Path(assets.default_model()), model, args.seed)
+        if grids:
+            print(f"off-grid model written: matrices per grid {grids}")
     f16 = llama_tools.convert_f16(model, out / "F16.gguf")
     imatrix = llama_tools.build_imatrix(f16, calibration_file(out), out / "imatrix.gguf", IMATRIX_CONTEXT,
                                        IMATRIX_CHUNKS)
     q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
     files = {"Q4_K_M": q4_k_m}
     for score in ("kld", "error", "entropy"):
-        files[score] = plan_file(model, q4_k_m, score, imatrix, out, f16)
+        files[score] = plan_file(model, q4_k_m, score, imatrix, out, f16,
+                                 "optimized" if score == "kld" else args.allocator)
 
     text = out / "eval.txt"
     if not text.is_file():

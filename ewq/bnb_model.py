@@ -80,66 +80,98 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
     """The model with the plan applied, built tensor by tensor from the checkpoint: (model, the
     planned matrices that are not nn.Linear weights). Each tensor goes to `device`, or to its place
     in accelerate's `device_map` (auto, balanced, …: several GPUs, then CPU)."""
-    from accelerate import dispatch_model, init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from accelerate import dispatch_model
 
-    try:
-        config = AutoConfig.from_pretrained(files.root)
-        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
-            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot build {files.root} as a causal LM: {str(error).splitlines()[0]}") from None
+    model = _empty_model(files, compute_dtype)
     mapping = _device_map(model, device_map) if device_map else None
-
-    def placement(name: str) -> str:
-        return device if mapping is None else _place(mapping, name)
-
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    layout, fused_filled = experts.ModelTensors(model), {}  # MoE experts: fused parameter -> values written
+    filler = _Filler(model, compute_dtype, lambda name: device if mapping is None else _place(mapping, name))
     tensors = weights.list_tensors(files)
     biases = {info.name: info for info in tensors if info.name.endswith(".bias")
-              and info.name.removesuffix(".bias") in linears}
+              and info.name.removesuffix(".bias") in filler.linears}
     for info, tensor in progress(weights.read_tensors([t for t in tensors if t.name not in biases]),
                                  total=len(tensors) - len(biases), desc="load + quantize", unit="tensor"):
         module_name = info.name.removesuffix(".weight")
-        target = placement(info.name)
-        precision = _planned_precision(plan, info.name) if module_name in linears else None
+        precision = _planned_precision(plan, info.name) if module_name in filler.linears else None
         if precision is not None:
             bias_info = biases.get(f"{module_name}.bias")
-            bias = next(weights.read_tensors([bias_info]))[1] if bias_info else None
-            _set_module(model, module_name, _quantized_linear(tensor, bias, precision, compute_dtype).to(target))
-            continue
-        fused = layout.locate(info.name, info.shape) if experts.stack_name(info.name) else (info.name, ())
-        if fused[1]:  # one expert's matrix, into its place in the fused parameter (stays dense)
-            name, index = fused
-            if name not in fused_filled:
-                empty = torch.empty(model.get_parameter(name).shape, dtype=compute_dtype)
-                set_module_tensor_to_device(model, name, placement(name), value=empty)
-                fused_filled[name] = 0
-            model.get_parameter(name).data[index].copy_(tensor)
-            fused_filled[name] += tensor.numel()
-            continue
-        try:
-            value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
-            set_module_tensor_to_device(model, info.name, target, value=value)
-        except (AttributeError, ValueError, KeyError) as error:
-            raise UserError(f"checkpoint tensor {info.name} has no place in {type(model).__name__} ({error})") from None
-    for name, info in biases.items():  # biases of the matrices that stayed dense
-        if model.get_parameter(name).device.type == "meta":
-            value = next(weights.read_tensors([info]))[1].to(compute_dtype)
-            set_module_tensor_to_device(model, name, placement(name), value=value)
-    for name, buffer in list(model.named_buffers()):  # rotary tables and the like, built on the host
-        set_module_tensor_to_device(model, name, placement(name), value=buffer)
-    model.tie_weights()
-    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
-    missing += [name for name, count in fused_filled.items() if count != model.get_parameter(name).numel()]
+            filler.quantized(module_name, tensor, next(weights.read_tensors([bias_info]))[1] if bias_info else None,
+                             precision)
+        else:
+            filler.dense(info, tensor)
+    filler.finish(biases)
+    missing = filler.missing()
     if missing:
         raise UserError(f"the checkpoint of {files.root} lacks {len(missing)} parameter(s) of the model, "
                         f"e.g. {missing[0]}")
     if device_map:
         dispatch_model(model, device_map=mapping)
-    return model.eval(), _not_applicable(plan, {f"{name}.weight" for name in linears})
+    return model.eval(), _not_applicable(plan, {f"{name}.weight" for name in filler.linears})
+
+
+def _empty_model(files: ModelFiles, compute_dtype: torch.dtype) -> nn.Module:
+    """The causal LM of the checkpoint's config, its parameters on the meta device (buffers real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(files.root)
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
+            return AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot build {files.root} as a causal LM: {str(error).splitlines()[0]}") from None
+
+
+class _Filler:
+    """Fills an empty model one checkpoint tensor at a time: a planned matrix as its bitsandbytes
+    module, an expert's matrix into its place in a fused parameter (dense), anything else as it is."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype, placement):
+        self.model, self.compute_dtype, self.placement = model, compute_dtype, placement
+        self.linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        self.layout = experts.ModelTensors(model)
+        self.fused_filled: dict[str, int] = {}  # MoE experts: fused parameter -> values written
+
+    def quantized(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None, precision: Precision):
+        module = _quantized_linear(weight, bias, precision, self.compute_dtype).to(self.placement(f"{module_name}.weight"))
+        _set_module(self.model, module_name, module)
+
+    def dense(self, info, tensor: torch.Tensor) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        fused = self.layout.locate(info.name, info.shape) if experts.stack_name(info.name) else (info.name, ())
+        if fused[1]:  # one expert's matrix, into its place in the fused parameter (stays dense)
+            name, index = fused
+            if name not in self.fused_filled:
+                empty = torch.empty(self.model.get_parameter(name).shape, dtype=self.compute_dtype)
+                set_module_tensor_to_device(self.model, name, self.placement(name), value=empty)
+                self.fused_filled[name] = 0
+            self.model.get_parameter(name).data[index].copy_(tensor)
+            self.fused_filled[name] += tensor.numel()
+            return
+        try:
+            value = tensor.to(self.compute_dtype) if tensor.is_floating_point() else tensor
+            set_module_tensor_to_device(self.model, info.name, self.placement(info.name), value=value)
+        except (AttributeError, ValueError, KeyError) as error:
+            raise UserError(f"checkpoint tensor {info.name} has no place in {type(self.model).__name__} "
+                            f"({error})") from None
+
+    def finish(self, biases: dict) -> None:
+        """The biases of the matrices that stayed dense, the buffers on their devices, tied weights."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, info in biases.items():
+            if self.model.get_parameter(name).device.type == "meta":
+                value = next(weights.read_tensors([info]))[1].to(self.compute_dtype)
+                set_module_tensor_to_device(self.model, name, self.placement(name), value=value)
+        for name, buffer in list(self.model.named_buffers()):  # rotary tables and the like, built on the host
+            set_module_tensor_to_device(self.model, name, self.placement(name), value=buffer)
+        self.model.tie_weights()
+
+    def missing(self) -> list[str]:
+        """Parameters still on the meta device, and fused parameters not wholly written."""
+        out = [name for name, param in self.model.named_parameters() if param.device.type == "meta"]
+        return out + [name for name, count in self.fused_filled.items()
+                      if count != self.model.get_parameter(name).numel()]
 
 
 def _device_map(model: nn.Module, device_map: str) -> dict:

@@ -1,4 +1,6 @@
 """Size-budget plans: the ladder, the rank-ordered allocation, the scores, and llama.cpp's quantizer in process."""
+import json
+
 import numpy as np
 import pytest
 from gguf import quants
@@ -124,3 +126,53 @@ def test_threshold_plans_keep_their_hash_when_budget_fields_exist():
     params = PlanParams()
     assert plan_mod.plan_hash("abc", params) != plan_mod.plan_hash("abc", PlanParams(target_bpw=5.0))
     assert plan_mod.plan_hash("abc", params) == plan_mod.plan_hash("abc", PlanParams(score="entropy", seed=0))
+
+
+def test_every_score_goes_through_the_one_optimizer_and_beats_the_ranked_ladder_on_its_own_objective(tiny_model_dir):
+    """--allocator optimized (the default of the command): error with α = 1 is llama.cpp PR #15550's objective,
+    Σ relative error over the wide menu. On that objective the optimizer is at most the ranked ladder's, at
+    the same budget, and both fit it."""
+    from ewq import weights
+    from ewq.plan.create import name_model, read_entries
+    from ewq.plan.entries import Allocator
+    from ewq.plan.scores import ErrorPredictor
+
+    files = weights.open_model(str(tiny_model_dir))
+    common = dict(target_bpw=6.0, score="error", keep_embeddings=False, keep_lm_head=False)
+    optimized = create_plan(files, PlanParams(allocator=Allocator.OPTIMIZED, **common))
+    ranked = create_plan(files, PlanParams(**common))
+    assert ranked.params.allocator is Allocator.RANKED and optimized.params.allocator is Allocator.OPTIMIZED
+    assert optimized.plan_hash != ranked.plan_hash
+    predictor = ErrorPredictor(None)
+    read_entries(files, optimized.params, name_model(files), predictor.observe)
+
+    def objective(plan):  # Σ e_t(q) of the chosen types
+        return sum(predictor.gguf_errors[t.hf_name][t.llama_type] for t in plan.tensors if not t.is_kept)
+
+    assert objective(optimized) <= objective(ranked) and objective(optimized) < 0.95 * objective(ranked)
+    assert optimized.budget.gguf.predicted_kld == pytest.approx(objective(optimized))
+    total = sum(t.numel for t in optimized.tensors)
+    assert optimized.budget.gguf.bytes * 8 <= 6.0 * total and ranked.budget.gguf.bits_per_weight <= 6.0
+    ladder = {"Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16", "Q4_0", "Q5_0"}
+    assert {t.llama_type.value for t in optimized.tensors if not t.is_kept} - ladder  # the wide menu is used
+    for score in ("entropy", "random"):  # the same form for every score
+        plan = create_plan(files, PlanParams(allocator=Allocator.OPTIMIZED, **{**common, "score": score}))
+        assert plan.budget.gguf.predicted_kld > 0 and plan.budget.gguf.bytes * 8 <= 6.0 * total
+
+
+def test_a_budget_plan_written_before_the_allocator_existed_keeps_its_hash_and_its_ranked_ladder(tiny_model_dir, tmp_path):
+    from ewq.plan.entries import Allocator
+
+    plan = create_plan(str(tiny_model_dir), PlanParams(target_bpw=6.0, score="entropy", keep_embeddings=False,
+                                                       keep_lm_head=False))
+    json_path, _ = write_plan(plan, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["params"].pop("allocator") == "ranked"
+    json_path.write_text(json.dumps(data))  # as such a plan was written
+    again = plan_mod.load_plan(json_path)
+    assert again.params.allocator is Allocator.RANKED and again.plan_hash == plan.plan_hash
+    kld = PlanParams(target_bpw=6.0, score="kld")
+    assert kld.allocator is Allocator.OPTIMIZED  # how kld plans were always made: their hash is unchanged
+    assert plan_mod.plan_hash("m", kld) == plan_mod.plan_hash("m", PlanParams(target_bpw=6.0, score="kld",
+                                                                              allocator=Allocator.OPTIMIZED))
+    assert PlanParams(allocator=Allocator.OPTIMIZED).allocator is None  # the threshold rule allocates nothing

@@ -127,27 +127,43 @@ def check_skip(variant: Variant, skip: tuple[Stage, ...]) -> None:
         raise UserError("the original run is every variant's reference: it cannot skip stages")
 
 
-def run(variant: Variant, backend: Backend, tokenizer, data: EvalData, model_hash: str, model_id: str,
-        out_dir: Path, extra: dict | None = None, tag: str | None = None, skip: tuple[Stage, ...] = (),
-        resume: bool = False) -> Path:
-    """Run every stage on `backend` (but those in `skip`) and write the result; `data` comes from
-    inputs.load_data(). Finished stages are checkpointed; `resume` continues from them."""
-    check_skip(variant, skip)
-    settings = data.settings
-    out_dir = fileio.ensure_writable_dir(out_dir)
-    stem = result_stem(variant, model_hash, settings.digest, tag)
-    json_path = out_dir / f"{stem}.json"
-    reference = None if variant is Variant.ORIGINAL else load_reference(out_dir, model_hash, data)
+@dataclass(frozen=True)
+class RunSpec:
+    """What one benchmark run measures and where its result goes (the same settings for every variant
+    live in `data.settings`)."""
+    variant: Variant
+    model_id: str  # as the user named it (hub id or directory)
+    model_hash: str
+    data: EvalData  # from inputs.load_data()
+    out_dir: Path
+    tag: str | None = None  # tells plans of one variant apart: the plan hash
+    skip: tuple[Stage, ...] = ()
+    resume: bool = False  # continue from the run's checkpoint
+
+    @property
+    def stem(self) -> str:
+        return result_stem(self.variant, self.model_hash, self.data.settings.digest, self.tag)
+
+
+def run(spec: RunSpec, backend: Backend, tokenizer, extra: dict | None = None) -> Path:
+    """Run every stage on `backend` (but those in spec.skip) and write the result, with `extra` at
+    its top level (plan hash, GGUF read-back, ...). Finished stages are checkpointed; spec.resume
+    continues from them."""
+    variant, data, settings = spec.variant, spec.data, spec.data.settings
+    check_skip(variant, spec.skip)
+    out_dir = fileio.ensure_writable_dir(spec.out_dir)
+    json_path = out_dir / f"{spec.stem}.json"
+    reference = None if variant is Variant.ORIGINAL else load_reference(out_dir, spec.model_hash, data)
     memory_after_load = memory.snapshot()
     memory.reset_gpu_peak()
     started = time.time()
     weights: WeightsReport = backend.weights_report()
-    fingerprint = json.loads(json.dumps({"variant": variant.value, "tag": tag, "model_hash": model_hash,
+    fingerprint = json.loads(json.dumps({"variant": variant.value, "tag": spec.tag, "model_hash": spec.model_hash,
                                          "settings": settings.digest, "weights": weights.to_json(),
                                          "reference": reference and reference.created_utc}))  # as saved
-    ckpt = Checkpoint(out_dir, stem, fingerprint, resume)
+    ckpt = Checkpoint(out_dir, spec.stem, fingerprint, spec.resume)
     resumed = sorted(ckpt.state["stages"]) + sorted(f"{k} (partial)" for k in ckpt.state["partial"])
-    ctx = Context(backend, tokenizer, data, reference, out_dir, stem, ckpt, variant)
+    ctx = Context(backend, tokenizer, data, reference, out_dir, spec.stem, ckpt, variant)
     metrics: dict = {"weights": weights.to_json(), "memory_after_load": memory_after_load}
 
     finished = ckpt.finished(Stage.PERPLEXITY.value)
@@ -155,13 +171,13 @@ def run(variant: Variant, backend: Backend, tokenizer, data: EvalData, model_has
         log("--resume: the checkpoint's KLD reference file is gone; perplexity runs again")
         ckpt.discard(Stage.PERPLEXITY.value)
     for stage, compute in STAGES.items():
-        if stage not in skip:
+        if stage not in spec.skip:
             metrics[stage.value] = ckpt.stage(stage.value, lambda done, save, compute=compute: compute(ctx, done, save))
     metrics["memory_peak"] = memory.snapshot()
     metrics["eval_seconds"] = time.time() - started
 
-    result = document(name=json_path.name, variant=variant, tag=tag, skipped=skip, model_id=model_id,
-                      model_hash=model_hash, settings=settings.to_json(), backend=backend.describe(),
+    result = document(name=json_path.name, variant=variant, tag=spec.tag, skipped=spec.skip, model_id=spec.model_id,
+                      model_hash=spec.model_hash, settings=settings.to_json(), backend=backend.describe(),
                       environment=environment.environment(), created_utc=environment.timestamp(), resumed=resumed,
                       extra=extra or {}, metrics=metrics)
     if reference is not None:
@@ -174,18 +190,16 @@ def run(variant: Variant, backend: Backend, tokenizer, data: EvalData, model_has
     return json_path
 
 
-def planned_run(variant: Variant, tag: str | None, model_hash: str, data: EvalData, out_dir: Path, resume: bool,
-                skip: tuple[Stage, ...] = ()) -> list[str]:
+def planned_run(spec: RunSpec) -> list[str]:
     """The --dry-run description of run()."""
-    settings = data.settings
-    stem = result_stem(variant, model_hash, settings.digest, tag)
-    stages = [_describe(stage, data) for stage in STAGES if stage not in skip]
-    lines = [f"evaluate {variant.value} on {settings.device}, settings {settings.digest}: " + "; ".join(stages)]
-    checkpoint = out_dir / CHECKPOINT_DIR / f"{stem}.json"
-    if resume:
+    settings = spec.data.settings
+    stages = [_describe(stage, spec.data) for stage in STAGES if stage not in spec.skip]
+    lines = [f"evaluate {spec.variant.value} on {settings.device}, settings {settings.digest}: " + "; ".join(stages)]
+    checkpoint = spec.out_dir / CHECKPOINT_DIR / f"{spec.stem}.json"
+    if spec.resume:
         lines.append(f"resume from {checkpoint}" if checkpoint.is_file() else f"start fresh (no {checkpoint})")
-    lines.append(f"write {out_dir / (stem + '.json')}"
-                 + (f" and {stem}.logprobs.npy" if variant is Variant.ORIGINAL else ""))
+    lines.append(f"write {spec.out_dir / (spec.stem + '.json')}"
+                 + (f" and {spec.stem}.logprobs.npy" if spec.variant is Variant.ORIGINAL else ""))
     return lines
 
 

@@ -145,11 +145,12 @@ def main(argv=None, variant: Variant | None = None) -> None:
     tokenizer = hf.load_tokenizer(model_files.root)
     data = load_data(tokenizer, settings)
     tag = files.plan.plan_hash if files and files.plan else None
+    spec = bench.RunSpec(variant, args.model, model_hash, data, args.out_dir, tag=tag, skip=skip, resume=args.resume)
     if args.dry_run:
         source = [f"use {args.gguf} ({report.bits_per_weight:.2f} bits/weight)"] if files is None else \
             planned_files(files, model_files.root)
         return dry_run([*source, f"llama-bench pp{llama_tools.BENCH_PROMPT}/tg{llama_tools.BENCH_GEN}",
-                        *bench.planned_run(variant, tag, model_hash, data, args.out_dir, args.resume, skip)])
+                        *bench.planned_run(spec)])
     if files is None:
         path, extra = args.gguf, {"imatrix": None}  # unknown for a file built elsewhere
     else:
@@ -164,8 +165,7 @@ def main(argv=None, variant: Variant | None = None) -> None:
     n_ctx = -(-data.longest_sequence // 256) * 256
     backend = LlamaCppBackend(path, device, variant.value, n_ctx, report, threads=threads, split_mode=args.split_mode,
                               tensor_split=args.tensor_split)
-    out = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir, extra=extra,
-                    tag=tag, skip=skip, resume=args.resume)
+    out = bench.run(spec, backend, tokenizer, extra=extra)
     log(bench.summary_line(out))
     print(out)
 

@@ -39,13 +39,13 @@ def original_main(argv=None) -> None:
     tokenizer = hf.load_tokenizer(files.root)
     data = load_data(tokenizer, settings)
     dtype = hf.compute_dtype(device, args.dtype, files.root)
+    spec = bench.RunSpec(variant, args.model, model_hash, data, args.out_dir, skip=skip, resume=args.resume)
     if args.dry_run:
         return dry_run([f"load {files.root} in {dtype}" + (f", device map {args.device_map}" if args.device_map else ""),
-                        *bench.planned_run(variant, None, model_hash, data, args.out_dir, args.resume, skip)])
+                        *bench.planned_run(spec)])
     model = hf.load_model(files.root, device, dtype, args.device_map)
     backend = hf.HFBackend(model, device, "original", hf.dense_weights_report(model), args.batch_size)
-    path = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir, skip=skip,
-                     resume=args.resume)
+    path = bench.run(spec, backend, tokenizer)
     log(bench.summary_line(path))
     print(path)
 
@@ -63,11 +63,13 @@ def ewq_main(argv=None) -> None:
     tokenizer = hf.load_tokenizer(files.root)
     data = load_data(tokenizer, settings)
     dtype = hf.compute_dtype(device, args.dtype, files.root)
+    spec = bench.RunSpec(variant, args.model, model_hash, data, args.out_dir, tag=plan.plan_hash, skip=skip,
+                         resume=args.resume)
     if args.dry_run:
         counts = {p: c.tensors for p, c in plan.summary().matrices_by_precision.items()}
         return dry_run([f"load {files.root} tensor by tensor in {dtype}, "
                         f"applying plan {plan.plan_hash} through bitsandbytes: matrices {counts}",
-                        *bench.planned_run(variant, plan.plan_hash, model_hash, data, args.out_dir, args.resume, skip)])
+                        *bench.planned_run(spec)])
     from .. import bnb_model
 
     model, not_applicable = bnb_model.load_quantized(files, plan, device, dtype, args.device_map)
@@ -75,8 +77,7 @@ def ewq_main(argv=None) -> None:
     report.details["dtype"] = str(dtype).removeprefix("torch.")
     log(f"bitsandbytes read-back: {report.bits_per_weight:.2f} bits/weight, {report.weight_bytes / 2**20:.1f} MiB")
     backend = hf.HFBackend(model, device, "ewq-bnb", report, args.batch_size)
-    path = bench.run(variant, backend, tokenizer, data, model_hash, args.model, args.out_dir,
-                     extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file), "plan_summary": plan.summary().to_json()},
-                     tag=plan.plan_hash, skip=skip, resume=args.resume)
+    path = bench.run(spec, backend, tokenizer, extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file),
+                                                      "plan_summary": plan.summary().to_json()})
     log(bench.summary_line(path))
     print(path)

@@ -13,7 +13,7 @@ from ..llamacpp.gguf_read import describe
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..plan.create import create_plan
 from ..plan.files import plan_path, script_path, write_plan
-from ..plan.entries import Granularity, Plan, PlanParams, Score, plan_hash
+from ..plan.entries import Allocator, Granularity, Plan, PlanParams, Score, plan_hash
 from ..fileio import check_writable_dir, file_digest
 from .common import (DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
                      positive_float, positive_int)
@@ -70,6 +70,11 @@ def parse_args(argv):
     budget.add_argument("--score", choices=[s.value for s in Score], default=Score.ENTROPY.value,
                         help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control); or kld: "
                              "minimise the predicted KLD from measured sensitivities")
+    budget.add_argument("--allocator", choices=[a.value for a in Allocator],
+                        help="optimized (default): every score predicts each type's ΔKLD (α·error; α = 1 for error, "
+                             "the entropy for entropy, seeded for random, measured for kld) and one Lagrangian "
+                             "optimizer chooses over the wide menu; ranked: the rank-ordered 5-rung ladder that "
+                             "entropy/error/random plans used before (to reproduce them)")
     budget.add_argument("--seed", type=int, default=PlanParams.seed, help="seed of --score random")
     budget.add_argument("--imatrix", type=Path, help="llama-imatrix GGUF weighting the columns of --score error / kld "
                                                      "(give the one the GGUF file will be quantized with)")
@@ -85,8 +90,13 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.target_bpw is None and args.target_size is None and args.score != Score.ENTROPY.value:
         parser.error(f"--score {args.score} ranks tensors for a size budget: give --target-bpw or --target-size")
-    if args.imatrix is not None and args.score not in (Score.ERROR.value, Score.KLD.value):
-        parser.error("--imatrix weights the quantization error: it goes with --score error or kld")
+    if args.allocator is not None and args.target_bpw is None and args.target_size is None:
+        parser.error("--allocator chooses types for a size budget: give --target-bpw or --target-size")
+    budget_given = args.target_bpw is not None or args.target_size is not None
+    predicting = budget_given and (args.allocator or Allocator.OPTIMIZED.value) == Allocator.OPTIMIZED.value
+    if args.imatrix is not None and args.score not in (Score.ERROR.value, Score.KLD.value) and not predicting:
+        parser.error("--imatrix weights the quantization error: it goes with a size budget (any score) or, with "
+                     "--allocator ranked, with --score error or kld")
     if (args.calibration_windows or args.calibration_context or args.sensitivity_band) \
             and args.score != Score.KLD.value:
         parser.error("--calibration-windows / --calibration-context / --sensitivity-band go with --score kld")
@@ -104,7 +114,9 @@ def main(argv=None):
                         seed=args.seed if score is Score.RANDOM else PlanParams.seed,
                         imatrix_digest=file_digest(args.imatrix) if imatrix else None,
                         calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
-                        sensitivity_band=args.sensitivity_band)
+                        sensitivity_band=args.sensitivity_band,
+                        allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value)
+                        if args.target_bpw is not None or args.target_size is not None else None)
     device = hf.resolve_device(args.device) if score is Score.KLD else "cpu"
     files = weights.open_model(args.model)
     check_writable_dir(args.out_dir)

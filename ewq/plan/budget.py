@@ -2,9 +2,9 @@
 
 Fixed tensors (the keep-rules: vectors in F32, kept matrices in F16) are charged first; the rest
 is allocated (allocate.py) for each target in turn, by the same code:
-  GGUF          every ranked matrix; menu: the rank-ordered ladder Q4_K, Q5_K, Q6_K, Q8_0, F16 (legacy
-                Q4_0/Q5_0 where K blocks do not divide rows), or, where the scorer predicts a distortion
-                per type (kld), the wide menu Q3_K … F16 (quant_types);
+  GGUF          every ranked matrix; menu: the wide menu Q3_K … F16 (quant_types) with the predicted
+                ΔKLD of every type (Allocator.OPTIMIZED, every score), or, with --allocator ranked, the
+                rank-ordered ladder Q4_K, Q5_K, Q6_K, Q8_0, F16 (legacy Q4_0/Q5_0 where K blocks do not divide rows);
   bitsandbytes  the matrices it can replace (nn.Linear in blocks; not the embedding, the head, a stack
                 of MoE experts or a part of a rearranged matrix: those stay fp16); menu nf4, int8, fp16.
 A GGUF budget below its floor is refused; a bitsandbytes floor above the budget leaves every
@@ -18,23 +18,28 @@ from ..errors import UserError
 from ..quant_types import Precision
 from . import threshold
 from .allocate import BITSANDBYTES, GGUF_PREDICTED, GGUF_RANKED, Allocation, Menu, allocate
-from .entries import Decision, PlanParams, Reason, Score, TensorEntry, numel_by
+from .entries import Allocator, Decision, PlanParams, Reason, TensorEntry, numel_by
 from .reports import BudgetReport, TargetReport
 from .scores import Scores
 
 RANK_RULE_TEXT = ("size budget (ewq.plan.budget): matrices ranked by `score`, highest first, lifted one rung at a "
                   "time in rounds while the budget allows; GGUF ladder Q4_K/Q5_K/Q6_K/Q8_0/F16 (Q4_0/Q5_0 where K "
                   "blocks do not divide rows), bitsandbytes ladder nf4/int8/fp16; the thresholds below are recorded only")
-KLD_RULE_TEXT = ("size budget (ewq.plan.budget, score kld): predicted ΔKLD_t(q) = α_t·e_t(q), α_t the measured KLD when "
-                 "only t is on its reference type (ewq.sensitivity) over its relative error there, e_t(q) the "
-                 "importance-weighted relative error of type q; minimise Σ predicted ΔKLD subject to Σ exact bytes <= "
-                 "budget (ewq.plan.optimize: convex hull per tensor, Lagrangian bisection, greedy fill, polish); GGUF "
-                 "options Q3_K/IQ4_XS/Q4_0/IQ4_NL/Q4_K/Q4_1/Q5_0/Q5_K/Q5_1/Q6_K/Q8_0/F16 where their blocks divide "
-                 "the rows, bitsandbytes nf4/int8/fp16; the thresholds below are recorded only")
+ALPHA = {"kld": "the measured KLD when only t is on its reference type (ewq.sensitivity) over its relative error there",
+         "error": "1 (the relative error itself)", "entropy": "t's entropy in bits",
+         "random": "uniform in [0, 1), seeded"}
+OPTIMIZED_RULE_TEXT = ("size budget (ewq.plan.budget, score {score}): predicted ΔKLD_t(q) = α_t·e_t(q), α_t {alpha}, "
+                       "e_t(q) the importance-weighted relative error of type q; minimise Σ predicted ΔKLD subject to "
+                       "Σ exact bytes <= budget (ewq.plan.optimize: convex hull per tensor, Lagrangian bisection, "
+                       "greedy fill, polish); GGUF options Q3_K/IQ4_XS/Q4_0/IQ4_NL/Q4_K/Q4_1/Q5_0/Q5_K/Q5_1/Q6_K/Q8_0/F16 "
+                       "where their blocks divide the rows, bitsandbytes nf4/int8/fp16; the thresholds below are "
+                       "recorded only")
 
 
 def rule_text(params: PlanParams) -> str:
-    return KLD_RULE_TEXT if params.score is Score.KLD else RANK_RULE_TEXT
+    if params.allocator is Allocator.RANKED:
+        return RANK_RULE_TEXT
+    return OPTIMIZED_RULE_TEXT.format(score=params.score.value, alpha=ALPHA[params.score.value])
 
 
 def budget_bits(tensors: list[TensorEntry], params: PlanParams) -> float:
@@ -56,8 +61,9 @@ def decide(tensors: list[TensorEntry], params: PlanParams, scores: Scores) -> De
             t.precision = Precision.FP16  # bitsandbytes replaces nn.Linear only
 
     gguf_fixed = sum(t.numel * t.llama_type.bits_per_weight for t in tensors if t.is_kept)
-    gguf = allocate(ranked, GGUF_RANKED if scores.gguf is None else GGUF_PREDICTED, budget - gguf_fixed,
-                    scores.rank, scores.gguf)
+    optimized = params.allocator is Allocator.OPTIMIZED
+    gguf = allocate(ranked, GGUF_PREDICTED if optimized else GGUF_RANKED, budget - gguf_fixed, scores.rank,
+                    scores.gguf if optimized else None)
     if gguf.choice is None:
         raise UserError(f"the budget ({budget / total:.3f} bits/weight) is below the GGUF ladder's floor "
                         f"({(gguf_fixed + gguf.floor_bits) / total:.3f} bits/weight with the kept tensors); raise "
@@ -67,7 +73,7 @@ def decide(tensors: list[TensorEntry], params: PlanParams, scores: Scores) -> De
 
     allocated = {t.hf_name for t in bnb_ranked}
     bnb_fixed = sum(t.numel * 16 for t in tensors if t.hf_name not in allocated)
-    bnb = allocate(bnb_ranked, BITSANDBYTES, budget - bnb_fixed, scores.rank, scores.bnb)
+    bnb = allocate(bnb_ranked, BITSANDBYTES, budget - bnb_fixed, scores.rank, scores.bnb if optimized else None)
     feasible = bnb.choice is not None
     for t in bnb_ranked:
         t.precision = bnb.choice[t.hf_name] if feasible else Precision.INT4

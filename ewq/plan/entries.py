@@ -55,6 +55,17 @@ class Reason(str, Enum):
         return self.value.startswith("keep:")
 
 
+class Allocator(str, Enum):
+    """How a size-budget plan chooses types (allocate.py)."""
+    OPTIMIZED = "optimized"  # predicted ΔKLD α_t·e_t(q) over the wide menu, Lagrangian; every score
+    RANKED = "ranked"  # rank-ordered rounds on the 5-rung ladder: how entropy/error/random plans were made
+
+
+def legacy_allocator(score: "Score") -> "Allocator":
+    """What a budget plan without an `allocator` field was made with (plans written before it existed)."""
+    return Allocator.OPTIMIZED if score is Score.KLD else Allocator.RANKED
+
+
 class Granularity(str, Enum):
     """The level the threshold rule decides at (a plan records both)."""
     BLOCK = "block"
@@ -90,6 +101,8 @@ class PlanParams:
     calibration_context: int | None = None
     # --score kld: layers per measured group (tensor kind x band of layers, quantized at once); None = each tensor
     sensitivity_band: int | None = None
+    # size-budget plans: how types are chosen; None in a file written before it existed (legacy_allocator)
+    allocator: Allocator | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -99,6 +112,10 @@ class PlanParams:
             object.__setattr__(self, "calibration_context", self.calibration_context or 512)
         if self.sensitivity_band == 1:  # a band of one layer is a tensor alone
             object.__setattr__(self, "sensitivity_band", None)
+        if self.is_budget:
+            object.__setattr__(self, "allocator", Allocator(self.allocator or legacy_allocator(self.score)))
+        elif self.allocator is not None:
+            object.__setattr__(self, "allocator", None)  # the threshold rule allocates nothing
 
     @property
     def rule(self) -> Rule:
@@ -109,12 +126,14 @@ class PlanParams:
         return self.rule is Rule.BUDGET
 
     def to_json(self) -> dict:
-        """The plan file's `params`; the kld-only fields only where set, so that other plans keep their bytes."""
-        out = {**asdict(self), "granularity": self.granularity.value, "score": self.score.value}
-        return {key: value for key, value in out.items() if key not in _KLD_ONLY or value is not None}
+        """The plan file's `params`; the kld-only fields and the allocator only where set, so that other
+        plans keep their bytes."""
+        out = {**asdict(self), "granularity": self.granularity.value, "score": self.score.value,
+               "allocator": self.allocator.value if self.allocator else None}
+        return {key: value for key, value in out.items() if key not in _OPTIONAL or value is not None}
 
 
-_KLD_ONLY = ("calibration_windows", "calibration_context", "sensitivity_band")
+_OPTIONAL = ("calibration_windows", "calibration_context", "sensitivity_band", "allocator")
 # Parameters added after schema 1 plans were written: left out of the plan hash while at their
 # defaults, so that earlier plans keep their hash (and file name).
 _LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None,
@@ -122,8 +141,12 @@ _LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:
+    """16 hex digits naming the plan's file: the model and every parameter but those at the value a plan
+    had before the parameter existed (so that earlier plans keep their hash)."""
     values = {key: value for key, value in params.to_json().items()
               if key not in _LATER_PARAMS or value != _LATER_PARAMS[key]}
+    if params.allocator is legacy_allocator(params.score):
+        values.pop("allocator", None)
     payload = json.dumps({"model": model_hash, **values}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -1,8 +1,10 @@
-"""What a size-budget plan ranks matrices by: one small interface, one class per Score.
+"""What a size-budget plan ranks matrices by: one small interface, one class per Score and allocator.
 
 A scorer sees every tensor once, while its values are in memory during the single pass over the
 weights (`observe`), then scores every ranked matrix (`scores`): a rank score each, highest =
-needs bits most, and, for the kld score, a predicted distortion of every option.
+needs bits most, and, for the optimized allocator, a predicted ΔKLD of every option, α_t · e_t(q)
+(PredictingScorer; α_t = 1 for error, the entropy for entropy, seeded for random, measured for kld).
+With the ranked allocator (--allocator ranked, how entropy/error/random plans were made before):
   entropy  the histogram entropy already in the entry (EWQ: high entropy = needs bits)
   error    relative (importance-weighted) squared error on the ranked ladder's lowest rung, measured
            with llama.cpp's own quantizer: Σⱼ aⱼ Σᵢ (wᵢⱼ−qᵢⱼ)² / Σⱼ aⱼ Σᵢ wᵢⱼ²
@@ -24,7 +26,7 @@ from ..quant_types import LlamaType, Precision, rank_ladder, reference_type
 from ..sensitivity.cached import CachedSensitivity
 from ..sensitivity.service import Group, groups_for
 from . import distortion
-from .entries import PlanParams, Score, TensorEntry
+from .entries import Allocator, PlanParams, Score, TensorEntry
 
 
 @dataclass
@@ -81,11 +83,14 @@ class RandomScorer(Scorer):
         return Scores({t.hf_name: rng.random() for t in sorted(ranked, key=lambda t: t.hf_name)})
 
 
-class KldScorer(Scorer):
-    score = Score.KLD
+class PredictingScorer(Scorer):
+    """Predicted ΔKLD of every option of both menus, α_t · e_t(q): the relative errors e_t(q) of every
+    type measured in the pass over the weights (distortion.py), α_t per score (`alpha`); its rank score
+    is the prediction at the reference type (the cheapest of the menu). Every score that can be put
+    into this form is allocated by the same optimizer over the same menu (Allocator.OPTIMIZED)."""
 
-    def __init__(self, band: int | None, imatrix: ImportanceMatrix | None, sensitivity: CachedSensitivity):
-        self.band, self.imatrix, self.sensitivity = band, imatrix, sensitivity
+    def __init__(self, imatrix: ImportanceMatrix | None):
+        self.imatrix = imatrix
         self.gguf_errors: dict[str, dict[LlamaType, float]] = {}
         self.bnb_errors: dict[str, dict[Precision, float]] = {}
 
@@ -96,17 +101,63 @@ class KldScorer(Scorer):
             if entry.is_bnb_linear:
                 self.bnb_errors[entry.hf_name] = distortion.bnb_errors(entry, matrix, self.imatrix)
 
+    @abstractmethod
+    def alpha(self, ranked: list[TensorEntry], reference: dict[str, LlamaType],
+              floor_error: dict[str, float]) -> dict[str, float]:
+        """α_t of every ranked matrix, given its reference type and its relative error there."""
+
     def scores(self, ranked: list[TensorEntry]) -> Scores:
         reference = {t.hf_name: reference_type(t.ncols) for t in ranked}
-        groups = groups_for(ranked, self.band)
-        kld = self.sensitivity.group_klds(groups, reference)
         floor_error = {t.hf_name: self.gguf_errors[t.hf_name][reference[t.hf_name]] for t in ranked}
-        alpha = sensitivity(groups, kld, floor_error)
+        alpha = self.alpha(ranked, reference, floor_error)
         return Scores(rank={name: alpha[name] * floor_error[name] for name in floor_error},
                       gguf={name: {q: alpha[name] * e for q, e in errors.items()}
                             for name, errors in self.gguf_errors.items()},
                       bnb={name: {p: alpha[name] * e for p, e in errors.items()}
                            for name, errors in self.bnb_errors.items()})
+
+
+class KldScorer(PredictingScorer):
+    """α_t measured end to end: ΔKLD when only t (or its group) is on its reference type, over e_t there."""
+    score = Score.KLD
+
+    def __init__(self, band: int | None, imatrix: ImportanceMatrix | None, sensitivity: CachedSensitivity):
+        super().__init__(imatrix)
+        self.band, self.sensitivity = band, sensitivity
+
+    def alpha(self, ranked, reference, floor_error):
+        groups = groups_for(ranked, self.band)
+        return sensitivity(groups, self.sensitivity.group_klds(groups, reference), floor_error)
+
+
+class ErrorPredictor(PredictingScorer):
+    """α_t = 1: the importance-weighted relative error itself, summed over tensors (the objective of
+    llama.cpp PR #15550's --target-bpw: no end-to-end measurement)."""
+    score = Score.ERROR
+
+    def alpha(self, ranked, reference, floor_error):
+        return {t.hf_name: 1.0 for t in ranked}
+
+
+class EntropyPredictor(PredictingScorer):
+    """α_t = the tensor's entropy in bits: EWQ's hypothesis (high entropy needs bits) in the same form."""
+    score = Score.ENTROPY
+
+    def alpha(self, ranked, reference, floor_error):
+        return {t.hf_name: t.entropy_bits for t in ranked}
+
+
+class RandomPredictor(PredictingScorer):
+    """α_t uniform in [0, 1), seeded (in name order): the control."""
+    score = Score.RANDOM
+
+    def __init__(self, imatrix: ImportanceMatrix | None, seed: int):
+        super().__init__(imatrix)
+        self.seed = seed
+
+    def alpha(self, ranked, reference, floor_error):
+        rng = random.Random(self.seed)
+        return {t.hf_name: rng.random() for t in sorted(ranked, key=lambda t: t.hf_name)}
 
 
 def sensitivity(groups: list[Group], kld: dict[str, float], floor_error: dict[str, float]) -> dict[str, float]:
@@ -120,9 +171,16 @@ def sensitivity(groups: list[Group], kld: dict[str, float], floor_error: dict[st
 
 def scorer_for(params: PlanParams, imatrix: ImportanceMatrix | None = None,
                sensitivity: CachedSensitivity | None = None) -> Scorer:
-    """The scorer of params.score; the kld score measures through `sensitivity`."""
+    """The scorer of params.score: with the optimized allocator one that predicts every option's ΔKLD
+    (PredictingScorer), else one that ranks; the kld score measures through `sensitivity`."""
     if params.score is Score.KLD:
         return KldScorer(params.sensitivity_band, imatrix, sensitivity)
+    if params.allocator is Allocator.OPTIMIZED:
+        if params.score is Score.ERROR:
+            return ErrorPredictor(imatrix)
+        if params.score is Score.RANDOM:
+            return RandomPredictor(imatrix, params.seed)
+        return EntropyPredictor(imatrix)
     if params.score is Score.ERROR:
         return ErrorScorer(imatrix)
     if params.score is Score.RANDOM:
