@@ -153,12 +153,16 @@ def main(argv=None) -> None:
         moved = measure(f16, against=default_base)
         print(f"default F16 ({default_f16.name}): PPL {figure(default_ppl)}; off-grid F16 against it: KLD "
               f"{figure(moved.get('kld'))}")
-    print(f"{'file':10} {'tensor bytes':>14} {'KLD vs off-grid F16':>24} {'same top-1 %':>18} {'PPL':>20}")
+    print(f"{'file':10} {'tensor bytes':>12} {'bpw':>6} {'KLD vs its F16':>22} {'KLD p99':>9} {'same top-1 %':>16} "
+          f"{'RMS Δp %':>16} {'PPL ratio':>18}")
     for label, path in files.items():
         measured = measure(path)
-        weight_bytes = gguf_read.describe(path).weight_bytes
-        print(f"{label:10} {weight_bytes:>14,} {figure(measured.get('kld')):>24} "
-              f"{figure(measured.get('same_top1_pct')):>18} {figure(measured.get('ppl')):>20}")
+        weights_read = gguf_read.describe(path)
+        p99 = measured.get("kld_p99")
+        print(f"{label:10} {weights_read.weight_bytes:>12,} {weights_read.bits_per_weight:>6.3f} "
+              f"{figure(measured.get('kld')):>22} {p99['mean'] if p99 else float('nan'):>9.5f} "
+              f"{figure(measured.get('same_top1_pct')):>16} {figure(measured.get('rms_dp_pct')):>16} "
+              f"{figure(measured.get('ppl_ratio')):>18}")
 
 
 if __name__ == "__main__":

@@ -144,3 +144,26 @@ def test_gguf_bad_inputs(pipeline, tmp_path):
     assert_usage_error(run("benchmark_gguf_q8.py", "--quick", "--gguf-dir", tmp_path, "--no-imatrix",
                            "--out-dir", results, check=False, env=missing_tools), "not found")
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+
+
+def test_llama_perplexity_figures_of_a_quant_table_are_parsed():
+    """The lines llama-perplexity --kl-divergence prints (tools/perplexity/perplexity.cpp), as parsed."""
+    printed = """
+Mean PPL(Q)                   :  31.570000 ±   1.210000
+Mean PPL(base)                :  30.610000 ±   1.180000
+Mean ln(PPL(Q)/PPL(base))     :   0.030877 ±   0.004321
+Mean PPL(Q)/PPL(base)         :   1.031359 ±   0.004457
+Mean    KLD:   0.041600 ±   0.000700
+Maximum KLD:   2.345678
+99.9%   KLD:   1.234567
+99.0%   KLD:   0.456789
+95.0%   KLD:   0.150000
+RMS Δp    :  5.123 ± 0.210 %
+Same top p: 86.080 ± 0.441 %
+"""
+    parsed = llama_tools.parse_perplexity(printed)
+    assert parsed["kld"] == {"mean": 0.0416, "se": 0.0007} and parsed["ppl"] == {"mean": 31.57, "se": 1.21}
+    assert parsed["kld_p99"] == {"mean": 0.456789, "se": None} and parsed["kld_max"]["mean"] == 2.345678
+    assert parsed["ppl_ratio"] == {"mean": 1.031359, "se": 0.004457}
+    assert parsed["rms_dp_pct"] == {"mean": 5.123, "se": 0.21} and parsed["same_top1_pct"]["mean"] == 86.08
+    assert llama_tools.parse_perplexity("Final estimate: PPL = 24.0 +/- 0.9") == {"ppl": {"mean": 24.0, "se": 0.9}}

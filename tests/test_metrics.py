@@ -204,3 +204,42 @@ def test_spearman_bootstrap_interval_contains_rho_and_excludes_zero_only_for_a_s
     noise = stats.spearman_bootstrap(x, [rng.random() for _ in x])
     assert noise["ci"][0] < 0 < noise["ci"][1] and not noise["ci_excludes_zero"]
     assert stats.spearman_bootstrap([1, 1, 1], [1, 2, 3])["ci"] is None
+
+
+class RunsOutOfMemory(BigramBackend):
+    """The fake engine with auto batching that runs out of memory above `limit` windows a batch."""
+
+    def __init__(self, limit, **kwargs):
+        super().__init__(**kwargs)
+        self.limit, self.auto_batch, self.batch_size = limit, True, 16
+
+    def window_logprobs(self, windows, rows):
+        def run(batch):
+            if len(batch) > self.limit:
+                raise torch.OutOfMemoryError("injected")
+            return BigramBackend.window_logprobs(self, batch, rows)
+
+        return self.in_batches(windows, run)
+
+
+def test_an_out_of_memory_halving_scores_every_window_once_with_the_numbers_of_a_run_without_it(tmp_path):
+    """Issue 23, 1: the loop stepped by the first batch size while the backend halved it, so windows were
+    skipped (16 of 40 scored) and KLD reference rows beyond the first batch stayed zero."""
+    spec = perplexity.WindowSpec(context=16, stride=8, max_windows=40, kld_windows=40)
+    tokens = list(np.random.default_rng(3).integers(0, 32, size=400))
+    plain = BigramBackend(seed=0)  # batch 1: no back-off
+    record = perplexity.open_record(tmp_path / "ref.npy", 40 * 8, 32)
+    expected = perplexity.evaluate(plain, tokens, spec, record=record)
+    record.flush()
+    halving, halving_record = RunsOutOfMemory(limit=3, seed=0), perplexity.open_record(tmp_path / "r2.npy", 40 * 8, 32)
+    got = perplexity.evaluate(halving, tokens, spec, record=halving_record)
+    assert halving.batch_size == 2  # 16 -> 8 -> 4 -> 2
+    assert got["ppl"]["n_windows"] == len(got["per_window_nll"]) == 40
+    assert got["per_window_nll"] == pytest.approx(expected["per_window_nll"], abs=1e-12)
+    assert np.array_equal(np.asarray(halving_record), np.asarray(record))  # every reference row written
+    other = BigramBackend(seed=1)
+    stored = perplexity.open_reference(tmp_path / "ref.npy", 40 * 8)
+    compared = perplexity.evaluate(RunsOutOfMemory(limit=5, seed=1), tokens, spec, reference=stored)
+    assert compared["per_window_kld"] == pytest.approx(perplexity.evaluate(other, tokens, spec,
+                                                                           reference=stored)["per_window_kld"])
+    assert compared["kld"]["n_windows"] == 40 and compared["kld"]["n_tokens"] == 320

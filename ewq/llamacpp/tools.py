@@ -67,23 +67,39 @@ def quantize_with_plan(script: Path, f16: Path, target: Path, imatrix: Path | No
 def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int,
                      kld_base: Path, write_base: bool) -> dict:
     """llama.cpp's own perplexity (and KLD against a stored base) on a text file, parsed: the
-    independent measurement our figures are checked against."""
+    independent measurement our figures are checked against. Against a base, also the figures a
+    quant table reports: the KLD's 99th percentile and maximum, same top-p, RMS Δp, the PPL ratio
+    (each {"mean", "se"}; percentiles and maximum a bare "mean", llama-perplexity gives no SE)."""
     command = [toolchain.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", context,
                "--chunks", chunks, "-t", threads, "--kl-divergence-base", kld_base]
     if not write_base:
         command.append("--kl-divergence")
     result = run_tool(command, "llama-perplexity")
-    text = result.stdout + result.stderr
-    number = r"([-+0-9.eE]+)"
+    return parse_perplexity(result.stdout + result.stderr)
+
+
+_NUMBER = r"([-+0-9.eE]+)"
+PERPLEXITY_FIGURES = {  # key -> its line; "_pct": llama-perplexity prints a percentage
+    "ppl": rf"Mean PPL\(Q\)\s*:\s*{_NUMBER}\s*±\s*{_NUMBER}",
+    "ppl_ratio": rf"Mean PPL\(Q\)/PPL\(base\)\s*:\s*{_NUMBER}\s*±\s*{_NUMBER}",
+    "kld": rf"Mean\s+KLD:\s*{_NUMBER}\s*±\s*{_NUMBER}",
+    "kld_p99": rf"99\.0%\s+KLD:\s*{_NUMBER}",
+    "kld_max": rf"Maximum KLD:\s*{_NUMBER}",
+    "same_top1_pct": rf"Same top p:\s*{_NUMBER}\s*±\s*{_NUMBER}",
+    "rms_dp_pct": rf"RMS Δp\s*:\s*{_NUMBER}\s*±\s*{_NUMBER}",
+}
+
+
+def parse_perplexity(text: str) -> dict:
+    """The figures of PERPLEXITY_FIGURES that a llama-perplexity run printed."""
     parsed: dict = {}
-    for key, pattern in {"ppl": rf"Mean PPL\(Q\)\s*:\s*{number}\s*±\s*{number}",
-                         "kld": rf"Mean\s+KLD:\s*{number}\s*±\s*{number}",
-                         "same_top1_pct": rf"Same top p:\s*{number}\s*±\s*{number}"}.items():
+    for key, pattern in PERPLEXITY_FIGURES.items():
         match = re.search(pattern, text)
         if match:
-            parsed[key] = {"mean": float(match.group(1)), "se": float(match.group(2))}
+            values = [float(v) for v in match.groups()]
+            parsed[key] = {"mean": values[0], "se": values[1] if len(values) > 1 else None}
     if "ppl" not in parsed:  # writing the base prints the classic estimate only
-        match = re.search(rf"Final estimate: PPL = {number} \+/- {number}", text)
+        match = re.search(rf"Final estimate: PPL = {_NUMBER} \+/- {_NUMBER}", text)
         if match:
             parsed["ppl"] = {"mean": float(match.group(1)), "se": float(match.group(2))}
     return parsed

@@ -63,7 +63,8 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
     scored = slice(spec.context - spec.stride - 1, spec.context - 1)  # row i predicts token i+1
     window_nll, window_kld, window_top1, per_token_kld = [], [], [], []
     bar = progress(total=len(starts), desc=f"perplexity [{backend.name}]", unit="window")
-    for first in range(0, len(starts), backend.batch_size):
+    first = 0
+    while first < len(starts):  # the batch size may halve inside window_logprobs (auto batching)
         windows = [tokens[start:start + spec.context] for start in starts[first:first + backend.batch_size]]
         rows = backend.window_logprobs(windows, scored)  # [batch, stride, vocab] on the device
         targets = torch.tensor([w[spec.context - spec.stride:] for w in windows], device=rows.device)
@@ -77,7 +78,10 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
             if reference is not None:
                 _compare(rows[:n_kld], reference[block], window_kld, window_top1, per_token_kld)
         bar.update(len(windows))
+        first += len(windows)
     bar.close()
+    if len(window_nll) != len(starts):
+        raise RuntimeError(f"perplexity scored {len(window_nll)} of {len(starts)} windows")
     nll_stats = mean_se(window_nll)
     ppl = math.exp(nll_stats.mean)
     result = {
@@ -103,12 +107,16 @@ def evaluate(backend: Backend, tokens: list[int], spec: WindowSpec,
 def _compare(rows: torch.Tensor, reference: np.ndarray, window_kld: list, window_top1: list,
              per_token_kld: list) -> None:
     """KLD(reference || rows) and same top-1 per token of the windows `rows` [n, stride, vocab];
-    `reference` holds their n*stride float16 rows. Appends per window and per token."""
-    ref = torch.from_numpy(np.array(reference, dtype=np.float16)).to(rows.device).float().view(rows.shape)
-    kld = token_kld(ref.reshape(-1, ref.shape[-1]), rows.reshape(-1, rows.shape[-1])).view(rows.shape[:2])  # [n, stride]
-    per_token_kld.extend(kld.flatten().tolist())
-    window_kld.extend(kld.mean(dim=1).tolist())
-    window_top1.extend((ref.argmax(-1) == rows.argmax(-1)).double().mean(dim=1).tolist())
+    `reference` holds their n*stride float16 rows. Appends per window and per token. One window at
+    a time: the float32 copy of the reference is one window's [stride, vocab], whatever the batch."""
+    stride = rows.shape[1]
+    for index, window in enumerate(rows):
+        part = np.array(reference[index * stride:(index + 1) * stride], dtype=np.float16)
+        ref = torch.from_numpy(part).to(rows.device).float()  # [stride, vocab]
+        kld = token_kld(ref, window)
+        per_token_kld.extend(kld.tolist())
+        window_kld.append(float(kld.mean()))
+        window_top1.append(float((ref.argmax(-1) == window.argmax(-1)).double().mean()))
 
 
 def open_record(path: Path, n_tokens: int, vocab: int) -> np.memmap:
