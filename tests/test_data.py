@@ -116,3 +116,29 @@ def test_hub_sets_fail_in_one_line_without_the_hub(tmp_path):
     ok = run("benchmark_original.py", "--quick", "--dry-run", "--eval-text", table, "--summaries-from", bills, env=env)
     assert "6 greedy generations" in ok.stdout  # 3 fixed prompts + the quick preset's 3 bills
     assert sorted(os.listdir(tmp_path)) == ["bills.jsonl", "hf", "wiki.parquet"]  # a dry run writes nothing
+
+
+def test_mmlu_prompts_carry_the_tokenizers_own_bos_as_lm_eval_encodes_them():
+    """Issue 23, 7: lm-evaluation-harness encodes a context with the tokenizer's defaults, which add a
+    BOS for Llama-3 and Gemma; our prompts had none. SmolLM2's tokenizer adds nothing: its prompts are
+    as before."""
+    from transformers import AutoTokenizer
+
+    from ewq.bench.inputs import mmlu_inputs
+    from ewq.bench.settings import QUICK, EvalSettings
+
+    settings = EvalSettings(device="cpu", **QUICK)
+    smollm2 = AutoTokenizer.from_pretrained(assets.default_model())
+    _, prompts_smollm2 = mmlu_inputs(smollm2, settings)
+
+    class WithBos:  # a tokenizer that adds a BOS by default, as Llama-3's does
+        bos_token_id = 7
+
+        def encode(self, text, add_special_tokens=True):
+            ids = smollm2.encode(text, add_special_tokens=False)
+            return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    sample, prompts_bos = mmlu_inputs(WithBos(), settings)
+    assert len(prompts_bos) == len(sample) == len(prompts_smollm2) > 0
+    assert all(p[0] == 7 and p[1:] == q for p, q in zip(prompts_bos, prompts_smollm2))
+    assert all(q[0] != smollm2.bos_token_id for q in prompts_smollm2)

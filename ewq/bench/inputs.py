@@ -51,8 +51,9 @@ def mmlu_inputs(tokenizer, settings: EvalSettings) -> tuple[list[mmlu_data.Quest
     questions = mmlu_data.load_questions(assets.mmlu_file())
     sample = mmlu_data.stratified_sample(questions, settings.mmlu_per_subject, settings.seed)
     shots = mmlu_data.exemplars(questions, sample, settings.mmlu_shots, settings.seed)
-    mmlu_prompts = [tokenizer.encode(mmlu_data.prompt(q, shots.get(q.subject, [])), add_special_tokens=False)
-                    for q in sample]
+    # as lm-evaluation-harness encodes a context: with the tokenizer's own special tokens (a BOS where it
+    # adds one: Llama-3, Gemma; none for SmolLM2)
+    mmlu_prompts = [tokenizer.encode(mmlu_data.prompt(q, shots.get(q.subject, []))) for q in sample]
     return sample, mmlu_prompts
 
 
