@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..metrics.stats import paired_difference
 from ..results.estimate import Estimate
-from ..plan.entries import PlanParams, Score
+from ..plan.entries import Allocator, PlanParams, Score
 from ..plan.files import find_plan, load_plan
 from ..fileio import ensure_writable_dir, write_text_atomic
 from ..results.record import LLAMA_CPP_PRESETS, Result, Variant
@@ -226,7 +226,8 @@ def plan_score(r: Result) -> str:
         return "plan file missing or unreadable"
     if not params.is_budget:
         return "entropy thresholds"
-    return f"budget, {params.score.value}" + (f" (seed {params.seed})" if params.score is Score.RANDOM else "")
+    ranked = " (ranked ladder)" if params.allocator is Allocator.RANKED and params.score is not Score.KLD else ""
+    return f"budget, {params.score.value}{ranked}" + (f" (seed {params.seed})" if params.score is Score.RANDOM else "")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
