@@ -115,8 +115,7 @@ def main(argv=None):
                         imatrix_digest=file_digest(args.imatrix) if imatrix else None,
                         calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
                         sensitivity_band=args.sensitivity_band,
-                        allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value)
-                        if args.target_bpw is not None or args.target_size is not None else None)
+                        allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value))  # threshold plans drop it
     device = hf.resolve_device(args.device) if score is Score.KLD else "cpu"
     files = weights.open_model(args.model)
     check_writable_dir(args.out_dir)

@@ -14,6 +14,8 @@ bitsandbytes precision that holds most of its parameters.
 """
 from __future__ import annotations
 
+from typing import Callable, Hashable
+
 from ..errors import UserError
 from ..quant_types import Precision
 from . import threshold
@@ -62,8 +64,8 @@ def decide(tensors: list[TensorEntry], params: PlanParams, scores: Scores) -> De
 
     gguf_fixed = sum(t.numel * t.llama_type.bits_per_weight for t in tensors if t.is_kept)
     optimized = params.allocator is Allocator.OPTIMIZED
-    gguf = allocate(ranked, GGUF_PREDICTED if optimized else GGUF_RANKED, budget - gguf_fixed, scores.rank,
-                    scores.gguf if optimized else None)
+    gguf_menu = GGUF_PREDICTED if optimized else GGUF_RANKED
+    gguf = allocate(ranked, gguf_menu, budget - gguf_fixed, scores.rank, scores.gguf if optimized else None)
     if gguf.choice is None:
         raise UserError(f"the budget ({budget / total:.3f} bits/weight) is below the GGUF ladder's floor "
                         f"({(gguf_fixed + gguf.floor_bits) / total:.3f} bits/weight with the kept tensors); raise "
@@ -81,19 +83,16 @@ def decide(tensors: list[TensorEntry], params: PlanParams, scores: Scores) -> De
     for block in recorded.blocks:
         held = numel_by((t for t in tensors if t.block == block.index and t.is_matrix), lambda t: t.precision)
         block.precision = max(held, key=held.get) if held else block.precision
-    report = BudgetReport(budget / total, int(budget // 8),
-                          _reached(tensors, ranked, GGUF_RANKED, gguf, total),
-                          _reached(tensors, bnb_ranked, BITSANDBYTES, bnb, total, bnb_fixed))
+    gguf_reached = _reached(ranked, gguf_menu, lambda t: t.llama_type, gguf, gguf_fixed, total)
+    gguf_reached.floor_bits_per_weight = None  # a GGUF budget below its floor was refused above
+    report = BudgetReport(budget / total, int(budget // 8), gguf_reached,
+                          _reached(bnb_ranked, BITSANDBYTES, lambda t: t.precision, bnb, bnb_fixed, total))
     return Decision(recorded.blocks, recorded.thresholds, report)
 
 
-def _reached(tensors: list[TensorEntry], ranked: list[TensorEntry], menu: Menu, allocation: Allocation, total: int,
-             fixed: float | None = None) -> TargetReport:
-    """A target's report: its bits with every tensor as decided; bitsandbytes also gives its floor."""
-    if fixed is None:  # GGUF: every tensor at its type
-        bits, floor = sum(t.numel * t.llama_type.bits_per_weight for t in tensors), None
-    else:
-        chosen = {t.hf_name: t.precision for t in ranked}
-        bits = fixed + sum(menu.bits(t, chosen[t.hf_name]) for t in ranked)
-        floor = (fixed + allocation.floor_bits) / total
-    return TargetReport(bits / total, int(bits // 8), allocation.choice is not None, floor, allocation.predicted)
+def _reached(allocated: list[TensorEntry], menu: Menu, chosen: Callable[[TensorEntry], Hashable],
+             allocation: Allocation, fixed: float, total: int) -> TargetReport:
+    """What one target reached: the fixed tensors' bits plus every allocated matrix at its chosen option."""
+    bits = fixed + sum(menu.bits(t, chosen(t)) for t in allocated)
+    return TargetReport(bits / total, int(bits // 8), allocation.choice is not None,
+                        (fixed + allocation.floor_bits) / total, allocation.predicted)
