@@ -3,9 +3,10 @@
 The default model was dequantized from a GGUF: its layers' matrices lie on Q4_1's grid (a scale and
 an offset per 32 weights) and its embedding on Q8_0's, which those types reproduce almost exactly,
 an advantage that no model trained in bf16 gives a type. Here every weight is moved off its grid by
-uniform noise of one step of its own block (Q4_1: (max - min) / 15, Q8_0: absmax / 127): quantizing
-it to that type again then costs about a quarter of a step per weight, as for a trained model, where
-the shipped weights cost nothing. A stand-in, not a trained model: its F16 file is the reference of
+Gaussian noise of 0.4 of its row's mean grid step (Q4_1: (max - min) / 15, Q8_0: absmax / 127, per 32
+weights), one scale per row so that the noise keeps no block structure: quantizing it to that type
+again then costs about a quarter of a step per weight, as for a trained model, where the shipped
+weights cost nothing. A stand-in, not a trained model: its F16 file is the reference of
 every KLD below, and how far the noise moved it from the default model is printed too.
 
 Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
@@ -29,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32  # weights per block of Q4_1 and Q8_0, along a row
+NOISE_STEPS = 0.4  # the noise's standard deviation, in grid steps of its row
 
 
 def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -45,11 +47,14 @@ def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
 
 
 def off_grid(matrix: torch.Tensor, generator: torch.Generator) -> tuple[str, torch.Tensor]:
-    """The matrix with each weight moved by U(-step/2, step/2) of its block's grid; (grid type, result)."""
+    """The matrix with Gaussian noise added, its standard deviation NOISE_STEPS of its row's mean grid step,
+    one figure per row: no trace of the source's 32-weight blocks in the noise, and wide enough that a
+    weight's place between the source grid's levels is near uniform (the first Fourier coefficient of that
+    place is exp(-2 pi^2 NOISE_STEPS^2), 0.04). (grid type, result)."""
     name, step = grid_step(matrix)
-    blocks = matrix.float().reshape(-1, BLOCK)
-    noise = (torch.rand(blocks.shape, generator=generator) - 0.5) * step
-    return name, (blocks + noise).reshape(matrix.shape).to(matrix.dtype)
+    row_step = step.reshape(matrix.shape[0], -1).mean(dim=1, keepdim=True)  # [rows, 1]
+    noise = torch.randn(matrix.shape, generator=generator) * (NOISE_STEPS * row_step)
+    return name, (matrix.float() + noise).to(matrix.dtype)
 
 
 def write_off_grid_model(source: Path, target: Path, seed: int) -> dict[str, int]:
@@ -93,16 +98,16 @@ def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stand-in", choices=("noise", "twin"), default="noise",
-                        help="noise: every weight moved within half a step of its grid; twin: the function-"
+                        help="noise: every weight moved by Gaussian noise of 0.4 of its row's grid step; twin: the function-"
                              "preserving rotated twin (benchmarks.rotated_twin, bf16)")
     parser.add_argument("--out-dir", type=Path, help="where the stand-in model and its files are kept "
-                        "(default: .cache/off-grid-<seed>, .cache/off-grid-twin-<seed>)")
+                        "(default: .cache/off-grid-noise-<seed>, .cache/off-grid-twin-<seed>)")
     parser.add_argument("--seed", type=int, default=0, help="of the noise, or of the twin's rotation")
     parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
     parser.add_argument("--allocator", choices=("optimized", "ranked"), default="optimized",
                         help="of the error and entropy plans (the kld plan is always optimized)")
     args = parser.parse_args(argv)
-    name = "off-grid" if args.stand_in == "noise" else "off-grid-twin"
+    name = "off-grid-noise" if args.stand_in == "noise" else "off-grid-twin"
     args.out_dir = args.out_dir or ROOT / ".cache" / f"{name}-{args.seed}"
 
     from ewq import assets, weights
