@@ -18,7 +18,6 @@ from ewq.errors import UserError
 from ewq.llamacpp import gguf_read
 from ewq.llamacpp import tools as llama_tools
 from ewq.processes import run_tool
-from ewq.llamacpp.script import quantize_script
 from ewq.plan import PlanParams, Score
 from ewq.plan.create import create_plan
 from ewq.plan.files import write_plan
@@ -406,13 +405,14 @@ def test_a_matrix_the_converter_cannot_name_is_refused(tmp_path, monkeypatch):
         create_plan(str(tmp_path / "m"), PlanParams())
 
 
-def test_a_plan_with_an_unnamed_matrix_gets_no_script_and_fails_its_read_back(tmp_path):
+def test_a_plan_with_an_unnamed_matrix_gets_no_files(tmp_path):
     tiny_llama(num_layers=2).save_pretrained(tmp_path / "m", safe_serialization=True)
     plan = create_plan(str(tmp_path / "m"), PlanParams())
     target = next(t for t in plan.tensors if t.is_matrix and t.block == 1)
     target.gguf_name = None
     with pytest.raises(UserError, match="without a GGUF name"):
-        quantize_script(plan)
+        write_plan(plan, tmp_path / "plans")
+    assert list((tmp_path / "plans").iterdir()) == []
 
 
 def test_a_read_back_that_cannot_find_a_planned_tensor_fails(tmp_path):

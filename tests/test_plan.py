@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from ewq import plan as plan_mod
-from ewq.llamacpp.script import quantize_script
+from ewq.llamacpp.script import tensor_types
 from ewq.errors import UserError
 from ewq.plan import Granularity, PlanParams, Thresholds
 from ewq.quant_types import Precision, threshold_type
@@ -123,13 +123,15 @@ def test_not_json_plan_is_refused(tmp_path):
 
 
 def test_every_pattern_matches_exactly_one_gguf_tensor(tiny_plan):
+    """tensor_types_<hash>.txt, llama-quantize's --tensor-type-file: a `pattern=type` line per planned matrix."""
     names = [t.gguf_name for t in tiny_plan.tensors if t.gguf_name]
     assert "blk.1.attn_q.weight" in names and "blk.10.attn_q.weight" in names
     # the trap anchoring avoids: an unanchored `blk.1.` also hits blk.10. and blk.11.
     assert len([n for n in names if re.search("blk.1.", n)]) > len([n for n in names if n.startswith("blk.1.")])
-    script = quantize_script(tiny_plan)
-    patterns = re.findall(r"--tensor-type '([^']+)=([a-z0-9_]+)'", script)
+    lines = tensor_types(tiny_plan).splitlines()
+    patterns = [tuple(line.rsplit("=", 1)) for line in lines]
     assert len(patterns) == sum(t.is_matrix for t in tiny_plan.tensors)
+    assert all(len(line.split()) == 1 for line in lines)  # llama-quantize splits the file at whitespace
     for pattern, type_name in patterns:
         hits = [n for n in names if re.search(pattern, n)]
         assert len(hits) == 1, (pattern, hits)
@@ -148,6 +150,11 @@ def test_quantize_script_is_valid_bash_with_pure_and_quantized_base(tmp_path, ti
     subprocess.run([str(script), "in.gguf", "out.gguf", "--imatrix", "m.dat"], check=True,
                    env={"LLAMA_QUANTIZE": str(fake), "PATH": "/usr/bin:/bin"})
     args = (tmp_path / "args.txt").read_text().splitlines()
-    assert args[:3] == ["--pure", "--imatrix", "m.dat"] and args[-3:] == ["in.gguf", "out.gguf", "Q8_0"]
+    types = tmp_path / f"tensor_types_{tiny_plan.plan_hash}.txt"
+    assert args == ["--pure", "--imatrix", "m.dat", "--tensor-type-file", str(types), "in.gguf", "out.gguf", "Q8_0"]
     assert r"^blk\.10\.attn_q\.weight$=" + next(
-        t.llama_type.lower() for t in tiny_plan.tensors if t.gguf_name == "blk.10.attn_q.weight") in args
+        t.llama_type.lower() for t in tiny_plan.tensors if t.gguf_name == "blk.10.attn_q.weight") in types.read_text()
+    types.unlink()  # a script copied without its types file says so in one line, exit code 2
+    missing = subprocess.run([str(script), "in.gguf", "out.gguf"], capture_output=True, text=True,
+                             env={"LLAMA_QUANTIZE": str(fake), "PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and "is missing" in missing.stderr and len(missing.stderr.splitlines()) == 1

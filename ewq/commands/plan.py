@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..llamacpp.gguf_read import describe
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..plan.create import create_plan
-from ..plan.files import plan_path, script_path, write_plan
+from ..plan.files import plan_path, script_path, types_path, write_plan
 from ..plan.entries import Allocator, Granularity, Plan, PlanParams, Score, plan_hash
 from ..fileio import check_writable_dir, file_digest
 from .common import (DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
@@ -20,7 +20,8 @@ from .common import (DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg,
 
 DESCRIPTION = """Compute per-tensor / per-block weight entropy and write an EWQ quantization plan.
 
-Writes quantized_models/quant_plan_<hash>.json and quantize_command_<hash>.sh (llama-quantize).
+Writes quantized_models/quant_plan_<hash>.json, quantize_command_<hash>.sh and the tensor_types_<hash>.txt it
+passes to llama-quantize --tensor-type-file.
 """
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30}
@@ -130,7 +131,8 @@ def main(argv=None):
         return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
                         f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",
                         f"decide by {rule}",
-                        f"write {plan_path(args.out_dir, hash_)}", f"write {script_path(args.out_dir, hash_)}"])
+                        f"write {types_path(args.out_dir, hash_)}, {script_path(args.out_dir, hash_)} (llama-quantize "
+                        f"--tensor-type-file) and {plan_path(args.out_dir, hash_)}"])
     plan = create_plan(files, params, imatrix, cache_dir=args.out_dir, device=device, model_id=args.model)
     json_path, script = write_plan(plan, args.out_dir)
     log_plan(plan)

@@ -1,4 +1,6 @@
-"""The plan as a llama-quantize command: quantize_command_<hash>.sh.
+"""The plan in llama-quantize's own terms: tensor_types_<hash>.txt, a file for its `--tensor-type-file`
+(one `PATTERN=TYPE` per line; llama-quantize reads whitespace-separated tokens and allows no comments),
+and quantize_command_<hash>.sh, the command that passes it.
 
 llama-quantize's `--tensor-type PATTERN=TYPE` is an unanchored std::regex_search, so
 `blk.1.` would also hit `blk.10.`; every pattern written here is anchored and escaped and
@@ -22,31 +24,35 @@ def anchored_pattern(gguf_name: str) -> str:
     return "^" + re.escape(gguf_name) + "$"
 
 
-def quantize_script(plan) -> str:
-    """A bash script that turns an F16/F32 GGUF of the plan's model into the planned GGUF; every
-    planned matrix gets its override (a matrix without a GGUF name is a UserError, not a script
-    that would leave it on the base type)."""
+def tensor_types(plan) -> str:
+    """The plan's overrides as a --tensor-type-file: every planned matrix gets its line (a matrix without
+    a GGUF name is a UserError, not a file that would leave it on the base type)."""
     unnamed = [t.hf_name for t in plan.tensors if t.is_matrix and not t.gguf_name]
     if unnamed:
         raise UserError(f"plan {plan.plan_hash} has {len(unnamed)} matrices without a GGUF name (e.g. {unnamed[0]}): "
                         "no llama-quantize override can reach them")
-    overrides = [
-        f"--tensor-type {shlex.quote(anchored_pattern(t.gguf_name) + '=' + t.llama_type.lower())}"
-        for t in plan.tensors
-        if t.gguf_name and t.is_matrix and not never_quantized(t.gguf_name)
-    ]
+    return "".join(f"{anchored_pattern(t.gguf_name)}={t.llama_type.lower()}\n" for t in plan.tensors
+                   if t.gguf_name and t.is_matrix and not never_quantized(t.gguf_name))
+
+
+def quantize_script(plan, types_file: str) -> str:
+    """A bash script that turns an F16/F32 GGUF of the plan's model into the planned GGUF with the
+    types file `types_file` (a name, looked up beside the script)."""
+    quoted = shlex.quote(types_file)
     lines = [
         "#!/usr/bin/env bash",
         f"# EWQ plan {plan.plan_hash} for {plan.model_id} (model hash {plan.model_hash}).",
-        "# Applies the per-tensor plan with llama-quantize; every pattern is anchored to one tensor.",
+        f"# Applies the per-tensor plan with llama-quantize --tensor-type-file {types_file} (beside this script);",
+        "# every pattern there is anchored to one tensor.",
         "# usage: $0 MODEL-F16.gguf OUTPUT.gguf [llama-quantize options, e.g. --imatrix FILE]",
         "# LLAMA_QUANTIZE may name the llama-quantize binary (default: llama-quantize on PATH).",
         "set -euo pipefail",
         'if [ $# -lt 2 ]; then echo "usage: $0 MODEL-F16.gguf OUTPUT.gguf [llama-quantize options]" >&2; exit 2; fi',
+        f'types="$(cd "$(dirname "$0")" && pwd)"/{quoted}',
+        'if [ ! -f "$types" ]; then echo "$0: $types is missing (it is written beside this script)" >&2; exit 2; fi',
         'input=$1; output=$2; shift 2',
-        'exec "${LLAMA_QUANTIZE:-llama-quantize}" --pure "$@" \\',
-        *[f"  {override} \\" for override in overrides],
-        f'  "$input" "$output" {BASE_TYPE.name}',
+        f'exec "${{LLAMA_QUANTIZE:-llama-quantize}}" --pure "$@" --tensor-type-file "$types" "$input" "$output" '
+        f'{BASE_TYPE.name}',
         "",
     ]
     return "\n".join(lines)

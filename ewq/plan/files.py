@@ -1,4 +1,5 @@
-"""Plan files: quant_plan_<hash>.json and quantize_command_<hash>.sh; writing, reading, finding.
+"""Plan files: quant_plan_<hash>.json, quantize_command_<hash>.sh and the tensor_types_<hash>.txt it passes
+to llama-quantize; writing, reading, finding.
 
 Reading validates everything and rebuilds the typed plan: any problem is a UserError naming the
 file (not JSON, a missing field, another schema, an unknown precision or type, a hash that does
@@ -11,14 +12,14 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..llamacpp.script import quantize_script
+from ..llamacpp.script import quantize_script, tensor_types
 from ..fileio import ensure_writable_dir, read_json, write_json_atomic, write_text_atomic
 from . import budget, threshold
 from .entropy import ENTROPY_FORMULA
 from .entries import SCHEMA_VERSION, BlockEntry, Plan, PlanParams, TensorEntry, Thresholds
 from .reports import BudgetReport
 
-PLAN_PREFIX, SCRIPT_PREFIX = "quant_plan_", "quantize_command_"
+PLAN_PREFIX, SCRIPT_PREFIX, TYPES_PREFIX = "quant_plan_", "quantize_command_", "tensor_types_"
 _TENSOR_FIELDS = {f.name for f in dataclasses.fields(TensorEntry)
                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
@@ -29,6 +30,10 @@ def plan_path(out_dir: Path, plan_hash: str) -> Path:
 
 def script_path(out_dir: Path, plan_hash: str) -> Path:
     return Path(out_dir) / f"{SCRIPT_PREFIX}{plan_hash}.sh"
+
+
+def types_path(out_dir: Path, plan_hash: str) -> Path:
+    return Path(out_dir) / f"{TYPES_PREFIX}{plan_hash}.txt"
 
 
 def to_json(plan: Plan) -> dict:
@@ -56,8 +61,11 @@ def to_json(plan: Plan) -> dict:
 def write_plan(plan: Plan, out_dir: Path) -> tuple[Path, Path]:
     out_dir = ensure_writable_dir(out_dir)
     json_path, script = plan_path(out_dir, plan.plan_hash), script_path(out_dir, plan.plan_hash)
+    types = types_path(out_dir, plan.plan_hash)
+    types_text = tensor_types(plan)  # refused before anything is written
+    write_text_atomic(types, types_text)  # first: the script never names a file that is not there
+    write_text_atomic(script, quantize_script(plan, types.name), mode=0o755)
     write_json_atomic(json_path, to_json(plan))
-    write_text_atomic(script, quantize_script(plan), mode=0o755)
     return json_path, script
 
 
