@@ -1,36 +1,55 @@
 #!/usr/bin/env bash
 # Set up a fresh checkout: .venv with pinned packages, the offline default model and data (ewq/assets.py),
-# and llama.cpp built from source.
-# Idempotent: a second run checks a stamp and the prepared files and does nothing else.
+# and llama.cpp built once from the source llama-cpp-python vendors: its tools and the library that its
+# Python bindings load (ewq/llamacpp/toolchain.py).
+# Quiet: a line per step with its time; each step's output in .cache/logs/<step>.log, and on a failure
+# that log's path and its last lines. Idempotent: when everything is in place it prints one line.
+# EWQ_CUDA=1 builds llama.cpp with CUDA for the present GPU, EWQ_CUDA=0 without; by default, with CUDA
+# when nvcc and a GPU (nvidia-smi -L) are both found. A change of mode rebuilds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.requirements.sha256
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
-
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "setup: creating $VENV" >&2
-  "$PYTHON" -m venv "$VENV"
+LOGS=.cache/logs
+want=$(cat requirements.txt requirements-llamacpp.txt | sha256sum | cut -d' ' -f1)
+cuda=${EWQ_CUDA:-auto}
+if [ "$cuda" = auto ]; then
+  cuda=0
+  if command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then cuda=1; fi
 fi
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing pinned packages" >&2
+cuda_flag=""; [ "$cuda" = 1 ] && cuda_flag="--cuda"
+
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] \
+   && "$VENV/bin/python" -m ewq.commands.setup check $cuda_flag 2>/dev/null; then
+  echo "setup: ready ($VENV, .cache; llama.cpp $([ "$cuda" = 1 ] && echo CUDA || echo CPU))"
+  exit 0
+fi
+
+mkdir -p "$LOGS"
+step() {  # step NAME COMMAND...: run it with its output in $LOGS/NAME.log; one line, or the log's tail
+  local name=$1 start=$SECONDS; shift
+  printf 'setup: %-44s' "$name ..." >&2
+  if "$@" > "$LOGS/$name.log" 2>&1; then
+    echo " done ($((SECONDS - start)) s)" >&2
+  else
+    echo " FAILED after $((SECONDS - start)) s; log: $LOGS/$name.log, last lines:" >&2
+    tail -n 15 "$LOGS/$name.log" | sed 's/^/  | /' >&2
+    exit 1
+  fi
+}
+install_packages() {
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   # torch first and alone: a later resolver step then finds it satisfied and pulls no CUDA wheels.
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$(grep -E '^torch==' requirements.txt)"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
+  "$VENV/bin/pip" install --disable-pip-version-check "$(grep -E '^torch==' requirements.txt)"
+  "$VENV/bin/pip" install --disable-pip-version-check -r requirements.txt
   echo "$want" > "$STAMP"
+}
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || [ ! -x "$VENV/bin/python" ]; then
+  step packages install_packages
 fi
-"$VENV/bin/python" -m ewq.commands.setup assets
-
-# llama.cpp from the source vendored by llama-cpp-python: the tools with cmake, the Python
-# bindings with pip (compiled from the same source package, never a prebuilt binary).
-# EWQ_CUDA=1 builds both with CUDA.
-cuda_flag=""; cmake_args="-DLLAVA_BUILD=OFF"
-if [ "${EWQ_CUDA:-0}" = 1 ]; then cuda_flag="--cuda"; cmake_args="$cmake_args -DGGML_CUDA=on"; fi
-"$VENV/bin/python" -m ewq.commands.setup llamacpp $cuda_flag
-if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  echo "setup: building the llama_cpp Python bindings from source (several minutes)" >&2
-  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-binary llama-cpp-python "$(grep -E '^llama-cpp-python==' requirements-llamacpp.txt)"
-fi
+step assets "$VENV/bin/python" -m ewq.commands.setup assets
+step "llama.cpp-$([ "$cuda" = 1 ] && echo cuda || echo cpu)" "$VENV/bin/python" -m ewq.commands.setup llamacpp $cuda_flag
+step bindings "$VENV/bin/python" -m ewq.commands.setup bindings
+echo "setup: ready" >&2
