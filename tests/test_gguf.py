@@ -167,3 +167,18 @@ Same top p: 86.080 ± 0.441 %
     assert parsed["ppl_ratio"] == {"mean": 1.031359, "se": 0.004457}
     assert parsed["rms_dp_pct"] == {"mean": 5.123, "se": 0.21} and parsed["same_top1_pct"]["mean"] == 86.08
     assert llama_tools.parse_perplexity("Final estimate: PPL = 24.0 +/- 0.9") == {"ppl": {"mean": 24.0, "se": 0.9}}
+
+
+def test_the_bindings_load_the_very_library_the_tools_were_built_with():
+    """One build (ewq/llamacpp/toolchain.py): the llama_cpp package's libllama is the cmake build's, the one
+    llama-perplexity and llama-quantize link to, not a second compilation."""
+    import llama_cpp.llama_cpp as bindings
+
+    from ewq.commands.setup import site_packages
+    from ewq.llamacpp import toolchain
+
+    assert toolchain.bindings_installed(site_packages())
+    loaded = Path(bindings._lib._name).resolve()
+    assert loaded == (toolchain.BUILD_DIR / "bin" / "libllama.so").resolve()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(loaded) in maps  # the loader mapped that file, not another libllama on its path

@@ -88,7 +88,8 @@ def _stamp(cuda: bool) -> Path:
 
 def libraries() -> list[Path]:
     """The shared libraries of the build (libllama, libggml*), as the bindings need them."""
-    return sorted(path for path in (BUILD_DIR / "bin").glob("lib*.so*") if path.name.split(".so")[1] == "")
+    return sorted(path for path in (BUILD_DIR / "bin").glob("lib*.so")
+                  if path.name == f"lib{LIBRARY}.so" or path.name.startswith("libggml"))
 
 
 def is_built(cuda: bool = False) -> bool:
