@@ -10,7 +10,7 @@ weights cost nothing. A stand-in, not a trained model: its F16 file is the refer
 every KLD below, and how far the noise moved it from the default model is printed too.
 
 Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
-its tensor bytes the plans by kld, error and entropy (the issue's command), each file measured by
+its tensor bytes the plans by kld, error, pr15550 and entropy, each file measured by
 llama-perplexity --kl-divergence against the F16 file on evaluation-role text the calibration never saw.
 
     python -m benchmarks.off_grid [--stand-in noise|twin] [--out-dir DIR] [--seed 0] [--chunks 24]
@@ -89,7 +89,7 @@ def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir
     command = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", model, "--target-size",
                target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir,
                "--allocator", allocator]
-    command += ["--imatrix", imatrix] if score in ("kld", "error") or allocator == "optimized" else []
+    command += ["--imatrix", imatrix] if score in ("kld", "error", "pr15550") or allocator == "optimized" else []
     plan, script = run_tool(command, f"the {score} plan").stdout.split()[:2]
     out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}-{allocator}.gguf"
     return llama_tools.quantize_with_plan(Path(script), f16, out, imatrix)
@@ -132,9 +132,9 @@ def main(argv=None) -> None:
                                        IMATRIX_CHUNKS)
     q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
     files = {"Q4_K_M": q4_k_m}
-    for score in ("kld", "error", "entropy"):
+    for score in ("kld", "error", "pr15550", "entropy"):
         files[score] = plan_file(model, q4_k_m, score, imatrix, out, f16,
-                                 "optimized" if score == "kld" else args.allocator)
+                                 "optimized" if score in ("kld", "pr15550") else args.allocator)
 
     text = out / "eval.txt"
     if not text.is_file():

@@ -4,7 +4,7 @@
 #  1. llama.cpp's Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M and Q6_K files, built with the one importance matrix
 #     and measured for perplexity and KLD (MMLU and generation skipped), and at each of their tensor
 #     sizes the kld plan (measured sensitivity; one calibration, cached, serves every size);
-#  2. at the same sizes, plans by error and entropy, through the same menu and optimizer as kld
+#  2. at the same sizes, plans by error, pr15550 and entropy, through the same menu and optimizer as kld
 #     (create_quantization_plan.py's default --allocator optimized) and the same importance matrix;
 #  3. random plans (seed 0; seeds 1, 2 at Q4_K_M's size too): the control, likewise;
 #  4. the sensitivity study: KLD when only one block / one tensor kind is 4-bit, vs its statistics;
@@ -42,6 +42,7 @@ for preset in "${PRESETS[@]}"; do
 done
 for preset in "${PRESETS[@]}"; do
   measure_plan "$preset" --score error --imatrix "$IMATRIX"
+  measure_plan "$preset" --score pr15550 --imatrix "$IMATRIX"
   measure_plan "$preset" --score entropy --imatrix "$IMATRIX"
 done
 for preset in "${PRESETS[@]}"; do

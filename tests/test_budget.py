@@ -129,8 +129,8 @@ def test_threshold_plans_keep_their_hash_when_budget_fields_exist():
 
 
 def test_every_score_goes_through_the_one_optimizer_and_beats_the_ranked_ladder_on_its_own_objective(tiny_model_dir):
-    """--allocator optimized (the default of the command): error with α = 1 is llama.cpp PR #15550's objective,
-    Σ relative error over the wide menu. On that objective the optimizer is at most the ranked ladder's, at
+    """--allocator optimized (the default of the command): error with α = 1, Σ relative error over the wide
+    menu. On that objective the optimizer is at most the ranked ladder's, at
     the same budget, and both fit it."""
     from ewq import weights
     from ewq.plan.create import name_model, read_entries
@@ -158,6 +158,39 @@ def test_every_score_goes_through_the_one_optimizer_and_beats_the_ranked_ladder_
     for score in ("entropy", "random"):  # the same form for every score
         plan = create_plan(files, PlanParams(allocator=Allocator.OPTIMIZED, **{**common, "score": score}))
         assert plan.budget.gguf.predicted_kld > 0 and plan.budget.gguf.bytes * 8 <= 6.0 * total
+
+
+def test_the_pr15550_score_weighs_each_error_by_rows_and_kind_as_that_pr_does(tiny_model_dir):
+    """--score pr15550: α_t = rows_t × boost (ffn_down 6, attn_v 1.25, a tied embedding 2.5, others 1); the
+    plan's predicted sum is that objective at its chosen types, and it allocates otherwise than α = 1."""
+    # the tiny Llama has an output head of its own (3) and so an untied embedding (1)
+    from ewq import weights
+    from ewq.plan.create import name_model, read_entries
+    from ewq.plan.scores import PR15550_BOOST, Pr15550Predictor
+
+    files = weights.open_model(str(tiny_model_dir))
+    common = dict(target_bpw=6.0, keep_embeddings=False, keep_lm_head=False)
+    plan = create_plan(files, PlanParams(score="pr15550", **common))
+    error_plan = create_plan(files, PlanParams(score="error", **common))
+    predictor = Pr15550Predictor(None)
+    read_entries(files, plan.params, name_model(files), predictor.observe)
+    ranked = [t for t in plan.tensors if not t.is_kept]
+    alpha = predictor.alpha(ranked, {}, {})
+    by_kind = {}
+    for t in ranked:
+        kind = "output" if t.gguf_name == "output.weight" else next(
+            (k for k in ("ffn_down", "attn_v", "token_embd") if k in t.gguf_name), "other")
+        by_kind.setdefault(kind, set()).add(alpha[t.hf_name] / t.shape[0])
+    tied = not any(t.is_lm_head for t in plan.tensors)
+    assert by_kind == {"ffn_down": {PR15550_BOOST["ffn_down"]}, "attn_v": {PR15550_BOOST["attn_v"]},
+                       "token_embd": {PR15550_BOOST["tied_embedding"] if tied else 1.0}, "other": {1.0},
+                       **({} if tied else {"output": {PR15550_BOOST["output"]}})}
+    objective = sum(alpha[t.hf_name] * predictor.gguf_errors[t.hf_name][t.llama_type] for t in ranked)
+    assert plan.budget.gguf.predicted_kld == pytest.approx(objective)
+    assert plan.budget.gguf.bytes * 8 <= 6.0 * sum(t.numel for t in plan.tensors)
+    assert [t.llama_type for t in plan.tensors] != [t.llama_type for t in error_plan.tensors]
+    with pytest.raises(UserError, match="no ranked form"):
+        create_plan(files, PlanParams(score="pr15550", allocator="ranked", **common))
 
 
 def test_a_budget_plan_written_before_the_allocator_existed_keeps_its_hash_and_its_ranked_ladder(tiny_model_dir, tmp_path):

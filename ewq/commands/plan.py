@@ -69,11 +69,12 @@ def parse_args(argv):
     target.add_argument("--target-bpw", type=positive_float, help="bits per weight over all tensors, as read back")
     target.add_argument("--target-size", help="tensor bytes (e.g. 98.9MiB, 104MB) or a .gguf file to match in size")
     budget.add_argument("--score", choices=[s.value for s in Score], default=Score.ENTROPY.value,
-                        help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control); or kld: "
-                             "minimise the predicted KLD from measured sensitivities")
+                        help="rank matrices by entropy (EWQ), measured 4-bit error, or at random (control); "
+                             "pr15550: the error weighted as llama.cpp PR #15550's --target-bpw weighs it (rows x a "
+                             "boost per tensor kind); or kld: minimise the predicted KLD from measured sensitivities")
     budget.add_argument("--allocator", choices=[a.value for a in Allocator],
                         help="optimized (default): every score predicts each type's ΔKLD (α·error; α = 1 for error, "
-                             "the entropy for entropy, seeded for random, measured for kld) and one Lagrangian "
+                             "rows x boost for pr15550, the entropy for entropy, seeded for random, measured for kld) and one Lagrangian "
                              "optimizer chooses over the wide menu; ranked: the rank-ordered 5-rung ladder that "
                              "entropy/error/random plans used before (to reproduce them)")
     budget.add_argument("--seed", type=int, default=PlanParams.seed, help="seed of --score random")
@@ -98,6 +99,8 @@ def parse_args(argv):
     if args.imatrix is not None and args.score not in (Score.ERROR.value, Score.KLD.value) and not predicting:
         parser.error("--imatrix weights the quantization error: it goes with a size budget (any score) or, with "
                      "--allocator ranked, with --score error or kld")
+    if args.score == Score.PR15550.value and not predicting:
+        parser.error("--score pr15550 predicts every type's cost: it goes with a size budget and the optimized allocator")
     if (args.calibration_windows or args.calibration_context or args.sensitivity_band) \
             and args.score != Score.KLD.value:
         parser.error("--calibration-windows / --calibration-context / --sensitivity-band go with --score kld")

@@ -29,7 +29,9 @@ RANK_RULE_TEXT = ("size budget (ewq.plan.budget): matrices ranked by `score`, hi
                   "blocks do not divide rows), bitsandbytes ladder nf4/int8/fp16; the thresholds below are recorded only")
 ALPHA = {"kld": "the measured KLD when only t is on its reference type (ewq.sensitivity) over its relative error there",
          "error": "1 (the relative error itself)", "entropy": "t's entropy in bits",
-         "random": "uniform in [0, 1), seeded"}
+         "random": "uniform in [0, 1), seeded",
+         "pr15550": "t's rows times a boost per kind (ffn_down 6, output 3, tied embedding 2.5, attn_v 1.25: "
+                    "llama.cpp PR #15550's weighting)"}
 OPTIMIZED_RULE_TEXT = ("size budget (ewq.plan.budget, score {score}): predicted ΔKLD_t(q) = α_t·e_t(q), α_t {alpha}, "
                        "e_t(q) the importance-weighted relative error of type q; minimise Σ predicted ΔKLD subject to "
                        "Σ exact bytes <= budget (ewq.plan.optimize: convex hull per tensor, Lagrangian bisection, "

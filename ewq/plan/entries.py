@@ -30,6 +30,7 @@ class Score(str, Enum):
     ERROR = "error"
     RANDOM = "random"
     KLD = "kld"  # predicted ΔKLD per type from measured sensitivity (ewq.sensitivity): a Lagrangian allocation
+    PR15550 = "pr15550"  # llama.cpp PR #15550's weighting of the error: rows x a boost per tensor kind (scores.py)
 
 
 class Reason(str, Enum):
@@ -45,6 +46,7 @@ class Reason(str, Enum):
     BUDGET_ERROR = "budget:error"
     BUDGET_RANDOM = "budget:random"
     BUDGET_KLD = "budget:kld"
+    BUDGET_PR15550 = "budget:pr15550"
 
     @classmethod
     def budget(cls, score: Score) -> "Reason":
@@ -63,7 +65,7 @@ class Allocator(str, Enum):
 
 def legacy_allocator(score: "Score") -> "Allocator":
     """What a budget plan without an `allocator` field was made with (plans written before it existed)."""
-    return Allocator.OPTIMIZED if score is Score.KLD else Allocator.RANKED
+    return Allocator.OPTIMIZED if score in (Score.KLD, Score.PR15550) else Allocator.RANKED
 
 
 class Granularity(str, Enum):

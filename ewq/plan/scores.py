@@ -3,7 +3,8 @@
 A scorer sees every tensor once, while its values are in memory during the single pass over the
 weights (`observe`), then scores every ranked matrix (`scores`): a rank score each, highest =
 needs bits most, and, for the optimized allocator, a predicted ΔKLD of every option, α_t · e_t(q)
-(PredictingScorer; α_t = 1 for error, the entropy for entropy, seeded for random, measured for kld).
+(PredictingScorer; α_t = 1 for error, rows × a kind boost for pr15550, the entropy for entropy, seeded
+for random, measured for kld).
 With the ranked allocator (--allocator ranked, how entropy/error/random plans were made before):
   entropy  the histogram entropy already in the entry (EWQ: high entropy = needs bits)
   error    relative (importance-weighted) squared error on the ranked ladder's lowest rung, measured
@@ -15,12 +16,14 @@ With the ranked allocator (--allocator ranked, how entropy/error/random plans we
 """
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from ..llamacpp.quantizers import ImportanceMatrix, relative_error
 from ..quant_types import LlamaType, Precision, rank_ladder, reference_type
 from ..sensitivity.cached import CachedSensitivity
@@ -131,12 +134,45 @@ class KldScorer(PredictingScorer):
 
 
 class ErrorPredictor(PredictingScorer):
-    """α_t = 1: the importance-weighted relative error itself, summed over tensors (the objective of
-    llama.cpp PR #15550's --target-bpw: no end-to-end measurement)."""
+    """α_t = 1: the importance-weighted relative error itself, summed over tensors, each tensor's weighing
+    alike whatever its size; no end-to-end measurement."""
     score = Score.ERROR
 
     def alpha(self, ranked, reference, floor_error):
         return {t.hf_name: 1.0 for t in ranked}
+
+
+# llama.cpp PR #15550 (target_bpw_type in src/llama-quant.cpp of its branch), constants by tensor kind
+PR15550_BOOST = {"ffn_down": 6.0, "output": 3.0, "tied_embedding": 2.5, "attn_v": 1.25}
+
+
+class Pr15550Predictor(PredictingScorer):
+    """α_t = rows_t × boost_t: the error llama.cpp PR #15550's --target-bpw minimises. It sums a relative
+    error per row (weighted squared error over the row's weighted norm, from the importance matrix), so a
+    tensor weighs as its number of rows (rows of every expert of a stack), and it boosts ffn_down (6),
+    the output head (3), a tied embedding (2.5) and attn_v (1.25). Our e_t is the relative error of the
+    whole tensor, the mean of the per-row ones where rows have like norms; the PR's taper of the boosts
+    below 2.2 bits per weight and its cosine error for attn_q / attn_k are not reproduced."""
+    score = Score.PR15550
+
+    def __init__(self, imatrix: ImportanceMatrix | None):
+        super().__init__(imatrix)
+        self.has_head = False  # an output head of its own: the embedding is then not tied
+
+    def observe(self, entry: TensorEntry, values: torch.Tensor) -> None:
+        self.has_head = self.has_head or entry.is_lm_head
+        super().observe(entry, values)
+
+    def boost(self, t: TensorEntry) -> float:
+        name = t.gguf_name or t.hf_name
+        if t.is_lm_head:
+            return PR15550_BOOST["output"]
+        if t.is_embedding:
+            return 1.0 if self.has_head else PR15550_BOOST["tied_embedding"]
+        return next((PR15550_BOOST[kind] for kind in ("ffn_down", "attn_v") if kind in name), 1.0)
+
+    def alpha(self, ranked, reference, floor_error):
+        return {t.hf_name: float(math.prod(t.shape[:-1])) * self.boost(t) for t in ranked}
 
 
 class EntropyPredictor(PredictingScorer):
@@ -178,6 +214,8 @@ def scorer_for(params: PlanParams, imatrix: ImportanceMatrix | None = None,
     if params.allocator is Allocator.OPTIMIZED:
         if params.score is Score.ERROR:
             return ErrorPredictor(imatrix)
+        if params.score is Score.PR15550:
+            return Pr15550Predictor(imatrix)
         if params.score is Score.RANDOM:
             return RandomPredictor(imatrix, params.seed)
         return EntropyPredictor(imatrix)
@@ -185,4 +223,6 @@ def scorer_for(params: PlanParams, imatrix: ImportanceMatrix | None = None,
         return ErrorScorer(imatrix)
     if params.score is Score.RANDOM:
         return RandomScorer(params.seed)
+    if params.score is Score.PR15550:
+        raise UserError("--score pr15550 has no ranked form: it goes with the optimized allocator")
     return EntropyScorer()
