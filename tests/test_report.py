@@ -72,6 +72,18 @@ def test_report_from_the_pipeline_results(pipeline, budget_run, tmp_path):
     preset_sizes = text.split("## At each llama.cpp preset's size")[1].split("##")[0]  # the plan made for Q4_K_M's bytes
     assert "| gguf-q4_k_m | **gguf-q4_k_m** |" in preset_sizes and "|  | budget, error | " in preset_sizes
     assert "| block | 30 |" in text and "n/a (constant)" in text  # the study copied in by the test above
+    # it opens with the answer: at Q4_K_M's size, the lowest KLD of every result at most that large, paired
+    from ewq.results.record import read_result
+
+    assert text.index("## The answer") < text.index("| original")
+    answer = text.split("## The answer")[1].split("##")[0]
+    found = [r for r in map(read_result, results.glob("*.json")) if r and r.kld is not None and r.weight_bytes
+             and r.settings["digest"] != "000000000000"]
+    q4 = next(r for r in found if r.variant == "gguf-q4_k_m" and not r.tag)
+    best = min((r for r in found if r.weight_bytes <= q4.weight_bytes * 1.001), key=lambda r: r.kld.mean)
+    line = next(row for row in answer.splitlines() if row.startswith("- at gguf-q4_k_m's size"))
+    assert f"**{best.label}" in line and ("itself" in line if best is q4 else "paired over" in line)
+    assert "dequantized from a Q4_1 GGUF" in answer  # the default model's caveat
     for png in ("size_vs_kld.png", "mmlu_by_subject.png", "entropy_heatmap.png"):
         assert (report.parent / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in text

@@ -12,6 +12,7 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+from .. import assets
 from ..errors import UserError
 from ..metrics.stats import paired_difference
 from ..results.estimate import Estimate
@@ -207,6 +208,39 @@ def preset_size_rows(rows: list[Result]) -> list[list[str]]:
     return table
 
 
+def answer_lines(rows: list[Result], reference: Result) -> list[str]:
+    """The report's first lines: at each llama.cpp preset's size, the variant with the lowest KLD among those
+    at most that large (within SAME_SIZE), by how much it beats the preset (paired per window, SE, n), then
+    the baseline's caveat."""
+    lines = []
+    for variant in LLAMA_CPP_PRESETS:
+        preset = next((r for r in rows if r.variant == variant.value and not r.tag and r.kld is not None), None)
+        if preset is None or not preset.weight_bytes:
+            continue
+        fits = [r for r in rows if r.kld is not None and r.weight_bytes
+                and r.weight_bytes <= preset.weight_bytes * (1 + SAME_SIZE)]
+        best = min(fits, key=lambda r: r.kld.mean)
+        size = f"at {preset.label}'s size ({preset.weight_bytes / MIB:.1f} MiB of weights)"
+        if best is preset:
+            lines.append(f"- {size}: **{preset.label} itself** (KLD {with_se(preset.kld, 4)}); "
+                         f"no variant at most as large has a lower KLD.")
+            continue
+        diff = paired(best.per_window_kld, preset.per_window_kld)
+        by = ("" if diff is None else f", {diff.mean:+.4f} ± {diff.se:.4f} paired over {diff.n} windows "
+              f"({100 * diff.mean / preset.kld.mean:+.0f}%){flag(diff.mean, diff.se)}")
+        lines.append(f"- {size}: **{best.label}** ({plan_score(best)}, {best.weight_bytes / MIB:.1f} MiB): KLD "
+                     f"{with_se(best.kld, 4)} against {preset.label}'s {with_se(preset.kld, 4)}{by}.")
+    if not lines:
+        return []
+    caveat = ("The original here is the offline default model, dequantized from a Q4_1 GGUF: its baseline "
+              "already carries 4-bit error and its matrices lie on Q4_1's grid, which favours Q4_1-like types; "
+              "read the figures as what further quantization costs this model."
+              if Path(reference.model).resolve() == Path(assets.default_model()).resolve() else
+              f"Figures for {reference.model} only, against the original as the benchmark loaded it.")
+    return ["## The answer", "", "Which variant is best at each size (KL divergence to the original, the figure "
+            "that decides between variants):", "", *lines, "", caveat, ""]
+
+
 @lru_cache(maxsize=None)
 def _plan_params(plan_file: str) -> PlanParams | None:
     """The params of a plan file, read once per report; None if it is gone or unreadable."""
@@ -322,6 +356,7 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
         f"Environment of the original: {env.get('cpu')} x{env.get('cpu_count')}, "
         f"torch {env.get('torch')}, GPU: {env.get('gpu', 'none')}.",
         "",
+        *answer_lines(rows, reference),
         "Deltas in parentheses are against the original: perplexity and MMLU paired on the same windows and "
         "questions; **(n.s.)** = within 2 standard errors of zero. Speed is per engine (torch vs llama.cpp): compare "
         "speeds within one engine. KLD = mean over tokens of KL(original || variant), SE across windows.",
