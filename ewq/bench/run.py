@@ -170,10 +170,12 @@ def run(spec: RunSpec, backend: Backend, tokenizer, extra: dict | None = None) -
     if finished and "kld_reference" in finished and not ckpt.file(".logprobs.npy").is_file():
         log("--resume: the checkpoint's KLD reference file is gone; perplexity runs again")
         ckpt.discard(Stage.PERPLEXITY.value)
-    for stage, compute in STAGES.items():
-        if stage not in spec.skip:
-            metrics[stage.value] = ckpt.stage(stage.value, lambda done, save, compute=compute: compute(ctx, done, save))
-    metrics["memory_peak"] = memory.snapshot()
+    with memory.GpuPeak() as gpu_peak:  # NVML's device memory sampled through the stages (llama.cpp too)
+        for stage, compute in STAGES.items():
+            if stage not in spec.skip:
+                metrics[stage.value] = ckpt.stage(stage.value,
+                                                  lambda done, save, compute=compute: compute(ctx, done, save))
+    metrics["memory_peak"] = memory.snapshot(gpu_peak)
     metrics["eval_seconds"] = time.time() - started
 
     result = document(name=json_path.name, variant=variant, tag=spec.tag, skipped=spec.skip, model_id=spec.model_id,

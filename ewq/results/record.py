@@ -160,10 +160,12 @@ class Result:
 
     @property
     def peak_memory_bytes(self) -> int | None:
-        """torch's peak allocation on GPU, else the peak RSS of the process."""
+        """On GPU torch's peak allocation, or, where torch allocated nothing (llama.cpp), the peak of NVML's
+        device memory the run added; else the peak RSS of the process."""
         peak = self._get("memory_peak") or {}
-        gpu = peak.get("torch_peak_allocated_bytes")
-        return gpu if gpu is not None else peak.get("peak_rss_bytes") or None
+        if "torch_peak_allocated_bytes" in peak:  # a GPU run: device memory, never the host's in its place
+            return peak["torch_peak_allocated_bytes"] or peak.get("nvml_run_peak_bytes") or None
+        return peak.get("peak_rss_bytes") or None
 
     # perplexity and KLD: Estimates over windows; per-window lists of float
     tokens_digest = _metric("perplexity", "tokens_sha256_16")
