@@ -142,3 +142,13 @@ def test_mmlu_prompts_carry_the_tokenizers_own_bos_as_lm_eval_encodes_them():
     assert len(prompts_bos) == len(sample) == len(prompts_smollm2) > 0
     assert all(p[0] == 7 and p[1:] == q for p, q in zip(prompts_bos, prompts_smollm2))
     assert all(q[0] != smollm2.bos_token_id for q in prompts_smollm2)
+
+
+def test_the_device_is_recorded_but_does_not_change_what_pairs():
+    """A GGUF variant run on the CPU of a GPU host pairs with the original measured on its GPU: the device
+    is in the settings written with a result, not in their digest; every other setting is."""
+    from ewq.bench.settings import QUICK, EvalSettings
+
+    on_gpu, on_cpu = EvalSettings(device="cuda", **QUICK), EvalSettings(device="cpu", **QUICK)
+    assert on_gpu.digest == on_cpu.digest and on_gpu.to_json()["device"] == "cuda"
+    assert EvalSettings(device="cpu", **{**QUICK, "kld_windows": 4}).digest != on_cpu.digest

@@ -1,5 +1,5 @@
-"""GPU memory figures without a GPU: torch's CUDA calls and NVML replaced by stubs of two devices, the way
-CUDA_VISIBLE_DEVICES and a container present them."""
+"""GPU paths without a GPU: torch's CUDA calls, NVML and the llama.cpp bindings replaced by stubs (two
+devices the way CUDA_VISIBLE_DEVICES and a container present them)."""
 import sys
 import time
 import types
@@ -94,3 +94,15 @@ def test_without_a_gpu_the_peak_is_the_process_rss():
     figures = memory.snapshot(memory.GpuPeak().__enter__())
     assert "torch_peak_allocated_bytes" not in figures and figures["peak_rss_bytes"] > 0
     assert Result({"metrics": {"memory_peak": figures}}).peak_memory_bytes == figures["peak_rss_bytes"]
+
+
+def test_a_gguf_on_a_gpu_host_without_a_cuda_build_runs_on_the_cpu_unless_cuda_was_asked_for(monkeypatch):
+    from ewq.backends import llamacpp
+    from ewq.errors import UserError
+
+    monkeypatch.setattr(llamacpp, "_import_llama", lambda: types.SimpleNamespace(llama_supports_gpu_offload=lambda: False))
+    assert llamacpp.gguf_device("auto", "cuda") == "cpu" and llamacpp.gguf_device("cpu", "cpu") == "cpu"
+    with pytest.raises(UserError, match="EWQ_CUDA=1 bash scripts/setup.sh"):
+        llamacpp.gguf_device("cuda", "cuda")
+    monkeypatch.setattr(llamacpp, "_import_llama", lambda: types.SimpleNamespace(llama_supports_gpu_offload=lambda: True))
+    assert llamacpp.gguf_device("auto", "cuda") == "cuda"

@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 import torch
 
+from ..console import log
 from ..errors import UserError
 from ..results.record import WeightsReport
 from .base import Backend, Generation
@@ -34,6 +35,23 @@ def _import_llama():
     return llama_cpp
 
 
+NO_CUDA = ("--device cuda, but llama.cpp was built without CUDA; build it with: EWQ_CUDA=1 bash scripts/setup.sh "
+           "(one build for the tools and the bindings)")
+
+
+def gguf_device(requested: str, resolved: str) -> str:
+    """Where a GGUF runs: `resolved` (torch's answer to --device), except that --device auto on a GPU host
+    whose llama.cpp was built without CUDA runs on the CPU (said in one line; the device is recorded and
+    is not part of what pairs, so the KLD pairing with the original stays); --device cuda then fails."""
+    if resolved != "cuda" or _import_llama().llama_supports_gpu_offload():
+        return resolved
+    if requested == "cuda":
+        raise UserError(NO_CUDA)
+    log("llama.cpp was built without CUDA: the GGUF runs on the CPU (EWQ_CUDA=1 bash scripts/setup.sh builds it "
+        "with CUDA); its KLD still pairs with the original's")
+    return "cpu"
+
+
 class LlamaCppBackend(Backend):
     def __init__(self, gguf_path, device: str, name: str, n_ctx: int, weights_report: WeightsReport,
                  threads: int | None = None, split_mode: str = "layer", tensor_split: list[float] | None = None):
@@ -43,8 +61,7 @@ class LlamaCppBackend(Backend):
         self.threads = threads or torch.get_num_threads() or os.cpu_count() or 1
         self.n_ctx = n_ctx
         if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
-            raise UserError("--device cuda, but these llama_cpp bindings were built without GPU offload "
-                            "(reinstall with CMAKE_ARGS=-DGGML_CUDA=on)")
+            raise UserError(NO_CUDA)
         self.split_mode, self.tensor_split = split_mode, tensor_split
         self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
                                    logits_all=False, flash_attn=True, n_gpu_layers=-1 if device == "cuda" else 0,

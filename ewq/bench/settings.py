@@ -1,7 +1,9 @@
 """Evaluation settings: the same for every variant, so that results can be compared.
 
 Two presets (full, quick); any flag given explicitly overrides its preset value. The digest of
-the settings is part of every result's name: variants with equal settings find each other.
+the settings is part of every result's name: variants with equal settings find each other. The
+device is recorded with the settings but is not part of the digest: a GGUF variant run on the CPU of
+a GPU host still pairs with the original measured on its GPU (the same tokens, windows, questions).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class EvalSettings:
 
     @property
     def digest(self) -> str:
-        values = {k: v for k, v in asdict(self).items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+        values = {k: v for k, v in asdict(self).items()
+                  if k not in NOT_DIGESTED and (k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_json(self) -> dict:
@@ -50,6 +53,7 @@ class EvalSettings:
 # settings added after results existed, at their defaults. timed_per_task only says which requests are also
 # timed one at a time: every metric but speed is computed on the same inputs as before it existed
 LATER_DEFAULTS = {"summaries_from": WIKI, "timed_per_task": 2}
+NOT_DIGESTED = {"device"}  # where a variant ran is recorded (settings.device, environment), not what pairs
 FULL = dict(eval_text=GENSIM_WIKI, context=512, stride=256, ppl_windows=128, kld_windows=32, mmlu_per_subject=20,
             mmlu_shots=0, gen_per_task=3, summaries=100, max_new_tokens=128, seed=1234,
             summaries_from=WIKI, timed_per_task=2)

@@ -9,6 +9,7 @@ from the evaluation and summarization text), serves every quantized file, or non
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from argparse import ArgumentTypeError, BooleanOptionalAction
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..backends import hf
-from ..backends.llamacpp import SPLIT_MODES, LlamaCppBackend
+from ..backends.llamacpp import SPLIT_MODES, LlamaCppBackend, gguf_device
 from ..bench import run as bench
 from ..bench.inputs import load_data
 from ..console import log
@@ -136,6 +137,8 @@ def main(argv=None, variant: Variant | None = None) -> None:
     for name in needed:
         toolchain.tool(name)  # fail before any work if llama.cpp is not built
     skip, device, settings, model_files, model_hash = prepare_run(args, variant)
+    if gguf_device(args.device, device) != device:
+        device, settings = "cpu", dataclasses.replace(settings, device="cpu")
     files = None
     if args.gguf is not None:
         report = gguf_read.describe(args.gguf)  # refuses a file that is not GGUF, before any work

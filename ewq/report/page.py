@@ -151,13 +151,14 @@ def summary_rows(rows: list[Result], ref: Result) -> list[list[str]]:
             "/".join(fmt(rouge[k].mean if rouge.get(k) else None, 3) for k in ("rouge1", "rouge2", "rougeL"))
             if rouge else "–",
             "ref" if is_ref else with_se(r.rougeL_vs_original, 3),
+            r.settings.get("device", "–"),
         ])
     return table
 
 
 SUMMARY_HEADER = ["variant", "weights MiB", "bpw", "size vs orig", "peak mem MiB", "decode tok/s", "latency p50 s",
                   "ppl ± SE (vs orig)", "KLD ± SE", "same top-1 %", "MMLU % ± SE (Δ paired)", "BLEU ± SE",
-                  "ROUGE-1/2/L", "ROUGE-L vs orig"]
+                  "ROUGE-1/2/L", "ROUGE-L vs orig", "device"]
 
 
 def kld_vs_baseline_rows(rows: list[Result], baseline: Result) -> list[list[str]]:
@@ -350,7 +351,8 @@ def build(results_dir: Path, plans_dir: Path, out_dir: Path, model_hash: str | N
     lines = [
         f"# EWQ comparison report: {reference.model}",
         "",
-        f"Model hash `{reference.model_hash}`, settings `{s['digest']}` on {s['device']}: {s['ppl_windows']} perplexity "
+        f"Model hash `{reference.model_hash}`, settings `{s['digest']}` (the original on {s['device']}; each "
+        f"variant's device in the last column, not part of what pairs): {s['ppl_windows']} perplexity "
         f"windows of {s['context']} tokens (stride {s['stride']}), KLD on the first {s['kld_windows']}; MMLU "
         f"{s['mmlu_per_subject']}/subject {s['mmlu_shots']}-shot; greedy generation, {s['max_new_tokens']} new tokens. "
         f"Environment of the original: {env.get('cpu')} x{env.get('cpu_count')}, "
