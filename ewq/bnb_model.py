@@ -83,7 +83,7 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
     from accelerate import dispatch_model
 
     model = _empty_model(files, compute_dtype)
-    mapping = _device_map(model, device_map) if device_map else None
+    mapping = _device_map(model, device_map, plan) if device_map else None
     filler = _Filler(model, compute_dtype, lambda name: device if mapping is None else _place(mapping, name))
     tensors = weights.list_tensors(files)
     biases = {info.name: info for info in tensors if info.name.endswith(".bias")
@@ -103,7 +103,7 @@ def load_quantized(files: ModelFiles, plan: Plan, device: str, compute_dtype: to
     if missing:
         raise UserError(f"the checkpoint of {files.root} lacks {len(missing)} parameter(s) of the model, "
                         f"e.g. {missing[0]}")
-    if device_map:
+    if device_map and len(set(mapping.values())) > 1:  # layers on several GPUs: hooks move activations
         dispatch_model(model, device_map=mapping)
     return model.eval(), _not_applicable(plan, {f"{name}.weight" for name in filler.linears})
 
@@ -174,17 +174,35 @@ class _Filler:
                       if count != self.model.get_parameter(name).numel()]
 
 
-def _device_map(model: nn.Module, device_map: str) -> dict:
-    """accelerate's module -> device map for `device_map` (auto, balanced, balanced_low_0, sequential)."""
+def _device_map(model: nn.Module, device_map: str, plan: Plan, max_memory: dict | None = None) -> dict:
+    """accelerate's module -> device map for `device_map`, sized by what each module will hold: a planned
+    nf4 matrix half a byte per weight, int8 one, the rest at the compute dtype (sized from the dense model,
+    the map would be 2-4x too large and spill layers off the GPUs). `auto` and `balanced` spread the
+    layers evenly over the GPUs, as transformers' `auto` does; `sequential` fills them in order.
+    bitsandbytes modules cannot be offloaded: a map that puts modules on the CPU beside GPUs, or on
+    disk, is refused in one line (all on the CPU is a CPU run)."""
     from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
+    from accelerate.utils import CustomDtype, get_balanced_memory
 
+    byte_size = {Precision.INT4: CustomDtype.INT4, Precision.INT8: torch.int8}
+    special = {}
+    for name, module in model.named_modules():
+        precision = _planned_precision(plan, f"{name}.weight") if isinstance(module, nn.Linear) else None
+        if precision is not None:
+            special[f"{name}.weight"] = byte_size[precision]
     no_split = getattr(model, "_no_split_modules", None) or []
-    max_memory = None
-    if device_map.startswith("balanced"):
-        max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+    if device_map != "sequential" and max_memory is None:
+        max_memory = get_balanced_memory(model, no_split_module_classes=no_split, special_dtypes=special,
                                          low_zero=device_map == "balanced_low_0")
-    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    mapping = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                    special_dtypes=special)
+    places = set(mapping.values())
+    off = [name for name, where in mapping.items() if where in ("cpu", "disk")]
+    if "disk" in places or (off and places - {"cpu", "disk"}):
+        raise UserError(f"--device-map {device_map} puts {len(off)} module(s) on the CPU or disk beside the GPUs "
+                        f"(e.g. {off[0]}): bitsandbytes modules cannot be offloaded; use more GPUs, a plan "
+                        "with more 4-bit matrices, or --device cpu")
+    return mapping
 
 
 def _place(mapping: dict, name: str) -> str:

@@ -90,3 +90,25 @@ def test_moe_experts_are_loaded_into_the_fused_parameters_and_stay_dense(tmp_pat
         expected, got, approx = dense(ids).logits, all_dense(ids).logits, quantized(ids).logits
     assert torch.equal(got, expected)
     assert 0 < float((approx - expected).norm() / expected.norm()) < 0.2
+
+
+def test_the_device_map_is_sized_by_the_planned_precisions_and_refuses_offloading_them(model_and_plan):
+    """Two GPUs given as accelerate's max_memory (no GPU needed to plan a map): every layer fits on them when
+    its matrices are sized as nf4 (half a byte a weight), where sized as dense fp32 layers spill to the
+    CPU, which bitsandbytes modules cannot be offloaded to: refused in one line."""
+    import dataclasses
+
+    path, plan = model_and_plan
+    all_nf4 = dataclasses.replace(plan, tensors=[dataclasses.replace(t, precision=Precision.INT4)
+                                                 if t.is_bnb_linear else t for t in plan.tensors])
+    all_dense = dataclasses.replace(plan, tensors=[dataclasses.replace(t, precision=Precision.FP16)
+                                                   for t in plan.tensors])
+    model = bnb._empty_model(weights.open_model(path), torch.float32)
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    other_bytes = sum(p.numel() * 4 for p in model.parameters()) - linear_bytes
+    per_gpu = (other_bytes + linear_bytes // 4) // 2 + 1  # the nf4-sized model (8x smaller linears) with room
+    budget = {0: per_gpu, 1: per_gpu, "cpu": 10 * (other_bytes + linear_bytes)}
+    mapping = bnb._device_map(model, "sequential", all_nf4, max_memory=budget)
+    assert set(mapping.values()) <= {0, 1} and 1 in mapping.values()  # both GPUs, nothing on the CPU
+    with pytest.raises(UserError, match="cannot be offloaded"):
+        bnb._device_map(model, "sequential", all_dense, max_memory=budget)
