@@ -172,10 +172,13 @@ def test_disk_full_while_writing_a_plan(tmp_path):
     """A real write failure: the file-size limit makes write() fail (EFBIG) part-way through the plan."""
     out, tiny = tmp_path / "plans", tmp_path / "tiny"
     tiny_llama(num_layers=2).save_pretrained(tiny, safe_serialization=True)
-    first = run("create_quantization_plan.py", "--model", tiny, "--out-dir", out).stdout.split()
+    run("create_quantization_plan.py", "--model", tiny, "--out-dir", out)
+    first = sorted(str(p) for p in out.iterdir())  # the plan, its script and its tensor types file
+    assert len(first) == 3
     previous = {name: Path(name).read_bytes() for name in first}
-    Path(first[0]).write_bytes(previous[first[0]] + b"\n")  # a previous version that must survive
-    previous[first[0]] += b"\n"
+    plan_file = next(name for name in first if name.endswith(".json"))
+    Path(plan_file).write_bytes(previous[plan_file] + b"\n")  # a previous version that must survive
+    previous[plan_file] += b"\n"
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
