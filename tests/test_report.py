@@ -75,7 +75,7 @@ def test_report_from_the_pipeline_results(pipeline, budget_run, tmp_path):
     # it opens with the answer: at Q4_K_M's size, the lowest KLD of every result at most that large, paired
     from ewq.results.record import read_result
 
-    assert text.index("## The answer") < text.index("| original")
+    assert text.index("## The answer") < text.index("| variant | weights MiB |")  # before the summary table
     answer = text.split("## The answer")[1].split("##")[0]
     found = [r for r in map(read_result, results.glob("*.json")) if r and r.kld is not None and r.weight_bytes
              and r.settings["digest"] != "000000000000"]
