@@ -1,6 +1,7 @@
 """The main job's benchmark time against the least its work can take on this machine (issue 11), printed.
 
-    python -m benchmarks.run_time_floor [--model DIR] [--results-dir benchmark_results] [--quick] [--json PATH]
+    python -m benchmarks.run_time_floor [--model DIR] [--results-dir benchmark_results] [--preset P | --quick]
+                                        [--json PATH]
 
 For each of run_main.sh's five variants, from its newest result of the preset (default model) that ran
 every stage (a run with --skip is not the main job's; each file used is logged):
@@ -108,12 +109,14 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, default=Path(assets.default_model()), help="the model run_main.sh ran")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where run_main.sh wrote its results")
     parser.add_argument("--gguf-dir", type=Path, default=PLANS_DIR, help="where its GGUF files are")
-    parser.add_argument("--quick", action="store_true", help="the quick preset's results")
+    parser.add_argument("--preset", choices=tuple(settings.PRESETS), help="the preset of the run's results (default: "
+                        f"{settings.DEFAULT_PRESET})")
+    parser.add_argument("--quick", action="store_true", help="--preset quick")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     files = weights.open_model(str(args.model))
     model_hash = weights.model_hash(files)
-    eval_settings = settings.EvalSettings(device="cpu", **(settings.QUICK if args.quick else settings.FULL))
+    eval_settings = settings.EvalSettings(device="cpu", **settings.PRESETS[settings.preset_name(args)])
     results = newest_results(args.results_dir, model_hash, eval_settings.digest)
     data = load_data(hf.load_tokenizer(files.root), eval_settings)
     threads = torch.get_num_threads()

@@ -209,3 +209,45 @@ def test_a_budget_plan_written_before_the_allocator_existed_keeps_its_hash_and_i
     assert plan_mod.plan_hash("m", kld) == plan_mod.plan_hash("m", PlanParams(target_bpw=6.0, score="kld",
                                                                               allocator=Allocator.OPTIMIZED))
     assert PlanParams(allocator=Allocator.OPTIMIZED).allocator is None  # the threshold rule allocates nothing
+
+
+def test_the_distortion_table_is_measured_once_per_model_and_imatrix(tiny_model_dir, tmp_path, monkeypatch):
+    """A plan at another budget, or by another score, reads the errors back: with llama.cpp's and
+    bitsandbytes' round trips made to fail it still gives the types of a plan measured afresh. A refused
+    budget writes nothing; a tensor whose cached options are not its menu is measured again."""
+    from ewq import weights
+    from ewq.plan import distortion
+
+    files = weights.open_model(str(tiny_model_dir))
+    common = dict(keep_embeddings=False, keep_lm_head=False, allocator="optimized")  # the command's default
+    cache = tmp_path / "plans"
+    with pytest.raises(UserError):  # far below the floor: refused before anything is written
+        create_plan(files, PlanParams(target_bpw=1.0, score="error", **common), cache_dir=cache)
+    assert not cache.exists()
+    create_plan(files, PlanParams(target_bpw=6.0, score="error", **common), cache_dir=cache)
+    [table] = cache.glob("distortion_*.json")
+    fresh = {score: create_plan(files, PlanParams(target_bpw=5.0, score=score, **common))
+             for score in ("error", "pr15550")}
+    real = distortion.gguf_errors
+    calls = []
+
+    def measured_again(entry, values, imatrix):
+        calls.append(entry.hf_name)
+        return real(entry, values, imatrix)
+
+    def refuse(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(distortion, "gguf_errors", refuse)
+    monkeypatch.setattr(distortion, "bnb_errors", refuse)
+    for score, plan in fresh.items():
+        again = create_plan(files, PlanParams(target_bpw=5.0, score=score, **common), cache_dir=cache)
+        assert [t.llama_type for t in again.tensors] == [t.llama_type for t in plan.tensors]
+        assert again.budget.gguf.predicted_kld == plan.budget.gguf.predicted_kld
+    data = json.loads(table.read_text())
+    stale = next(iter(data["gguf"]))
+    data["gguf"][stale].pop("Q8_0")  # as if the menu had gained a type since
+    table.write_text(json.dumps(data))
+    monkeypatch.setattr(distortion, "gguf_errors", measured_again)
+    create_plan(files, PlanParams(target_bpw=5.0, score="error", **common), cache_dir=cache)
+    assert calls == [stale] and "Q8_0" in json.loads(table.read_text())["gguf"][stale]

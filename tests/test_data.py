@@ -152,3 +152,37 @@ def test_the_device_is_recorded_but_does_not_change_what_pairs():
     on_gpu, on_cpu = EvalSettings(device="cuda", **QUICK), EvalSettings(device="cpu", **QUICK)
     assert on_gpu.digest == on_cpu.digest and on_gpu.to_json()["device"] == "cuda"
     assert EvalSettings(device="cpu", **{**QUICK, "kld_windows": 4}).digest != on_cpu.digest
+
+
+def test_the_standard_preset_is_the_default_and_scores_more_of_what_it_computes():
+    """No --preset: standard. --quick is --preset quick (one digest); the two disagreeing is a usage error.
+    Standard scores 3/4 of each window (full: 1/2), KLD on no fewer windows or tokens than full's, every
+    window inside the evaluation text that full reads."""
+    import argparse
+
+    import pytest
+
+    from ewq.bench import settings
+    from ewq.commands.common import add_benchmark_args
+    from ewq.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    add_benchmark_args(parser)
+
+    def digest(*argv):
+        return settings.settings_from_args(parser.parse_args(list(argv)), "cpu").digest
+
+    standard = settings.EvalSettings(device="cpu", **settings.STANDARD)
+    full = settings.EvalSettings(device="cpu", **settings.FULL)
+    assert digest() == digest("--preset", "standard") == standard.digest != full.digest == digest("--preset", "full")
+    assert digest("--quick") == digest("--preset", "quick") == digest("--quick", "--preset", "quick")
+    assert digest("--ppl-windows", "48") != digest()  # a flag still overrides its preset's value
+    with pytest.raises(UserError, match="--quick is --preset quick"):
+        digest("--quick", "--preset", "full")
+    assert standard.stride / standard.context > full.stride / full.context
+    assert standard.kld_windows >= full.kld_windows
+    assert standard.kld_windows * standard.stride >= full.kld_windows * full.stride
+    reads = lambda s: (s.ppl_windows - 1) * s.stride + s.context  # tokens the last window reaches
+    assert reads(standard) <= reads(full)
+    with pytest.raises(UserError, match="stride must be in 1..511"):  # the first token of a window has no predictor
+        digest("--stride", "512")

@@ -6,7 +6,7 @@ from .. import weights
 from ..backends import hf
 from ..bench import run as bench
 from ..bench.inputs import load_data
-from ..bench.settings import settings_from_args
+from ..bench.settings import preset_name, settings_from_args
 from ..console import log
 from ..plan.files import plan_for_model
 from ..fileio import check_writable_dir
@@ -24,7 +24,7 @@ def prepare_run(args, variant: Variant):
     model_hash = weights.model_hash(files)
     check_writable_dir(args.out_dir)
     log(f"model {files.root} (hash {model_hash}) on {device}, settings {settings.digest}"
-        + (" [quick]" if args.quick else ""))
+        + f" [{preset_name(args)}]")
     return skip, device, settings, files, model_hash
 
 

@@ -93,13 +93,16 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     add_model_arg(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--quick", action="store_true", help="small limits: a smoke run of a few minutes on CPU")
+    parser.add_argument("--preset", choices=("standard", "full", "quick"),
+                        help="evaluation settings: standard (default: about 30 minutes for the main job on 2 CPU cores), "
+                             "full (twice the perplexity windows, 20 MMLU questions per subject), quick (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="--preset quick: a smoke run of a few minutes on CPU")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run of the same variant and settings from its checkpoint")
     add_dry_run_arg(parser)
     parser.add_argument("--skip", action="append", choices=[s.value for s in OPTIONAL_STAGES], default=[],
                         help="leave a stage out (repeatable); perplexity and KLD always run")
-    group = parser.add_argument_group("evaluation settings (default: full preset; --quick: quick preset)")
+    group = parser.add_argument_group("evaluation settings (each overrides its --preset value)")
     group.add_argument("--eval-text", help=f"'{GENSIM_WIKI}' (offline, shipped), '{WIKITEXT2}' (hub), a .txt file, "
                                            "or a .parquet/.jsonl/.csv table with wikitext's `text` column")
     group.add_argument("--context", type=positive_int, help="perplexity window length in tokens")

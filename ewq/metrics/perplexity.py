@@ -35,8 +35,9 @@ class WindowSpec:
     kld_windows: int
 
     def validate(self) -> None:
-        if not 0 < self.stride <= self.context:
-            raise UserError(f"stride must be in 1..context ({self.context}), got {self.stride}")
+        if not 0 < self.stride < self.context:  # a window's first token has no prediction: it is never scored
+            raise UserError(f"stride must be in 1..{self.context - 1} (below the context, {self.context}), "
+                            f"got {self.stride}")
         if self.kld_windows > self.max_windows:
             raise UserError(f"KLD windows ({self.kld_windows}) exceed perplexity windows ({self.max_windows})")
 

@@ -29,9 +29,10 @@ from ..llamacpp.quantizers import ImportanceMatrix
 from ..sensitivity.cached import CachedSensitivity, CalibrationSpec
 from ..weights import block_index
 from . import budget, threshold
+from .distortion import DistortionCache
 from .entries import Plan, PlanParams, Score, TensorEntry, apply_keep_rule
 from .entropy import tensor_stats
-from .scores import scorer_for
+from .scores import PredictingScorer, scorer_for
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -188,7 +189,8 @@ def read_entries(files: weights.ModelFiles, params: PlanParams, named: ModelName
 def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: ImportanceMatrix | None = None,
                 cache_dir: Path | None = None, device: str = "cpu", model_id: str | None = None) -> Plan:
     """The plan of `model` (a directory or hub id, or its files already opened; `model_id` is what the
-    plan records, default the name given); the kld score measures on `device` and caches in `cache_dir`."""
+    plan records, default the name given); the kld score measures on `device`; measurements (sensitivity, the
+    distortion table) are cached in `cache_dir` (none without it), written once the plan is decided."""
     files = model if isinstance(model, weights.ModelFiles) else weights.open_model(model)
     model_id = model_id or (model if isinstance(model, str) else str(files.root))
     log(f"model {files.root} ({files.model_type}, {files.num_layers} blocks, {len(files.weight_files)} file(s))")
@@ -201,6 +203,8 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
                                         device, Path(cache_dir or "."), imatrix, params.imatrix_digest,
                                         rearranged.by_name(named.parts))
     scorer = scorer_for(params, imatrix, sensitivity)
+    if isinstance(scorer, PredictingScorer) and cache_dir is not None:
+        scorer.distortions = DistortionCache.open(Path(cache_dir), model_hash, params.imatrix_digest)
     tensors = read_entries(files, params, named, scorer.observe)
     scores = scorer.scores([t for t in tensors if not t.is_kept])
     decision = budget.decide(tensors, params, scores) if params.is_budget else \
@@ -210,5 +214,7 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
         gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None])
         log(f"additivity on the calibration windows: predicted KLD {gguf.predicted_kld:.3g} (sum over tensors), "
             f"measured {gguf.measured_kld_calibration:.3g} (all tensors at once)")
+    if isinstance(scorer, PredictingScorer) and scorer.distortions is not None:
+        scorer.distortions.save()
     return Plan(model_id=model_id, model_hash=model_hash, model_type=files.model_type, params=params,
                 tensors=tensors, blocks=decision.blocks, thresholds=decision.thresholds, budget=decision.budget)

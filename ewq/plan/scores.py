@@ -92,6 +92,8 @@ class PredictingScorer(Scorer):
     is the prediction at the reference type (the cheapest of the menu). Every score that can be put
     into this form is allocated by the same optimizer over the same menu (Allocator.OPTIMIZED)."""
 
+    distortions: distortion.DistortionCache | None = None  # errors already measured for this model and imatrix
+
     def __init__(self, imatrix: ImportanceMatrix | None):
         self.imatrix = imatrix
         self.gguf_errors: dict[str, dict[LlamaType, float]] = {}
@@ -100,9 +102,10 @@ class PredictingScorer(Scorer):
     def observe(self, entry: TensorEntry, values: torch.Tensor) -> None:
         if not entry.is_kept:
             matrix = values.float()
-            self.gguf_errors[entry.hf_name] = distortion.gguf_errors(entry, matrix.numpy(), self.imatrix)
+            source = self.distortions or distortion
+            self.gguf_errors[entry.hf_name] = source.gguf_errors(entry, matrix.numpy(), self.imatrix)
             if entry.is_bnb_linear:
-                self.bnb_errors[entry.hf_name] = distortion.bnb_errors(entry, matrix, self.imatrix)
+                self.bnb_errors[entry.hf_name] = source.bnb_errors(entry, matrix, self.imatrix)
 
     @abstractmethod
     def alpha(self, ranked: list[TensorEntry], reference: dict[str, LlamaType],
