@@ -118,6 +118,21 @@ def read_json(path: Path, what: str = ""):
         raise UserError(f"{what}{path} is not valid JSON: {error}") from None
 
 
+def read_cache(path: Path, fingerprint: dict, what: str) -> dict:
+    """A measurement cache's content if `path` holds one written for `fingerprint`, else {} (an
+    unreadable file is logged and measured again, not an error)."""
+    from .console import log
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        log(f"{what}: cache {path} is unreadable; measuring again")
+        return {}
+    return data if isinstance(data, dict) and data.get("fingerprint") == fingerprint else {}
+
+
 def file_digest(path: Path) -> str:
     """16 hex digits of the SHA-256 of a file's bytes (an importance matrix's identity in a plan)."""
     digest = hashlib.sha256()

@@ -447,6 +447,7 @@ def test_kld_plan_meets_its_budget_in_exact_bytes_and_the_file_follows_it(tmp_pa
     smaller = budget * 85 // 100
     second = run("create_quantization_plan.py", *[str(smaller) if a == str(budget) else a for a in args])
     assert "sensitivity: measuring" not in second.stderr and "tensors from" in second.stderr
+    assert "tensor menus from" in second.stderr and ", 0 measured" in second.stderr  # the distortion table too
     assert load_plan(Path(second.stdout.split()[0])).budget.gguf.bytes <= smaller
 
 

@@ -87,15 +87,16 @@ def add_dry_run_arg(parser: argparse.ArgumentParser, what: str = "validate the i
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     """The arguments of every benchmark script: model, device, output, run control, and the evaluation settings."""
-    from ..bench.settings import GENSIM_WIKI, WIKITEXT2
+    from ..bench.settings import DEFAULT_PRESET, GENSIM_WIKI, PRESETS, WIKITEXT2
     from ..results.record import OPTIONAL_STAGES
 
     add_model_arg(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--preset", choices=("standard", "full", "quick"),
-                        help="evaluation settings: standard (default: about 30 minutes for the main job on 2 CPU cores), "
-                             "full (twice the perplexity windows, 20 MMLU questions per subject), quick (a smoke run)")
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help=f"evaluation settings (default {DEFAULT_PRESET}): standard (the main job in about 22 "
+                             "minutes on 2 CPU cores), full (twice the perplexity windows, 20 MMLU questions per "
+                             "subject), quick (a smoke run)")
     parser.add_argument("--quick", action="store_true", help="--preset quick: a smoke run of a few minutes on CPU")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run of the same variant and settings from its checkpoint")

@@ -15,7 +15,6 @@ options are not its menu of today is measured again.
 """
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from ..console import log
-from ..fileio import ensure_writable_dir, write_json_atomic
+from ..fileio import ensure_writable_dir, read_cache, write_json_atomic
 from ..llamacpp.quantizers import ImportanceMatrix, round_trip, weighted_error
 from ..quant_types import BNB_MENU, NF4_BLOCKSIZE, LlamaType, Precision, bnb_bits, gguf_menu
 from .entries import TensorEntry
@@ -93,16 +92,8 @@ class DistortionCache:
     def open(cls, cache_dir: Path, model_hash: str, imatrix_digest: str | None) -> "DistortionCache":
         path = Path(cache_dir) / f"{CACHE_PREFIX}{model_hash}_{imatrix_digest or 'no-imatrix'}.json"
         fingerprint = {"version": CACHE_VERSION, "model_hash": model_hash, "imatrix": imatrix_digest}
-        cache = cls(path, fingerprint)
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                log(f"distortion: cache {path} is unreadable; measuring again")
-                return cache
-            if data.get("fingerprint") == fingerprint:
-                cache.gguf, cache.bnb = data.get("gguf", {}), data.get("bnb", {})
-        return cache
+        data = read_cache(path, fingerprint, "distortion")
+        return cls(path, fingerprint, data.get("gguf", {}), data.get("bnb", {}))
 
     def gguf_errors(self, entry: TensorEntry, values: np.ndarray, imatrix: ImportanceMatrix | None) -> dict[LlamaType, float]:
         return self._errors(self.gguf, entry, gguf_menu(entry.ncols), LlamaType,

@@ -102,7 +102,7 @@ class PredictingScorer(Scorer):
     def observe(self, entry: TensorEntry, values: torch.Tensor) -> None:
         if not entry.is_kept:
             matrix = values.float()
-            source = self.distortions or distortion
+            source = distortion if self.distortions is None else self.distortions
             self.gguf_errors[entry.hf_name] = source.gguf_errors(entry, matrix.numpy(), self.imatrix)
             if entry.is_bnb_linear:
                 self.bnb_errors[entry.hf_name] = source.bnb_errors(entry, matrix, self.imatrix)

@@ -24,7 +24,7 @@ from .. import assets
 from ..console import log
 from ..data import wiki
 from ..errors import UserError
-from ..fileio import ensure_writable_dir, write_json_atomic
+from ..fileio import ensure_writable_dir, read_cache, write_json_atomic
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..quant_types import LlamaType
 from ..rearranged import Part
@@ -88,7 +88,7 @@ class CachedSensitivity:
         measured (and cached after each group)."""
         path = cache_path(ensure_writable_dir(self.cache_dir), self.model_hash, self.imatrix_digest, self.tokens)
         fingerprint = {"model_hash": self.model_hash, "imatrix": self.imatrix_digest, "calibration": asdict(self.spec)}
-        cached = _read_cache(path, fingerprint)
+        cached = read_cache(path, fingerprint, "sensitivity").get("groups", {})
         swapped = {g.name: {e.hf_name: types[e.hf_name].value for e in g.entries} for g in groups}
         done = {g.name: cached[g.name]["kld"] for g in groups
                 if g.name in cached and cached[g.name].get("reference_types") == swapped[g.name]}
@@ -110,14 +110,3 @@ class CachedSensitivity:
     def kld_of(self, changes: list[Change]) -> float:
         """The mean KLD on the calibration windows with every change at once (a whole plan)."""
         return self.service.measure(changes).mean_kld
-
-
-def _read_cache(path: Path, fingerprint: dict) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        log(f"sensitivity: cache {path} is unreadable; measuring again")
-        return {}
-    return data.get("groups", {}) if data.get("fingerprint") == fingerprint else {}
