@@ -24,6 +24,7 @@ import torch
 from .. import experts, rearranged, weights
 from ..console import log, progress
 from ..errors import UserError
+from ..fileio import file_digest
 from ..llamacpp.names import Naming, gguf_names
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..sensitivity.cached import CachedSensitivity, CalibrationSpec
@@ -196,15 +197,17 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
     log(f"model {files.root} ({files.model_type}, {files.num_layers} blocks, {len(files.weight_files)} file(s))")
     model_hash = weights.model_hash(files)
     named = name_model(files)
+    # what both caches are keyed by: the plan's record of the importance matrix, else the file's own digest
+    imatrix_digest = params.imatrix_digest or (file_digest(imatrix.path) if imatrix is not None else None)
     sensitivity = None
     if params.score is Score.KLD:
         sensitivity = CachedSensitivity(files.root, model_hash,
                                         CalibrationSpec(params.calibration_windows, params.calibration_context),
-                                        device, Path(cache_dir or "."), imatrix, params.imatrix_digest,
+                                        device, Path(cache_dir or "."), imatrix, imatrix_digest,
                                         rearranged.by_name(named.parts))
     scorer = scorer_for(params, imatrix, sensitivity)
     if isinstance(scorer, PredictingScorer) and cache_dir is not None:
-        scorer.distortions = DistortionCache.open(Path(cache_dir), model_hash, params.imatrix_digest)
+        scorer.distortions = DistortionCache.open(Path(cache_dir), model_hash, imatrix_digest)
     tensors = read_entries(files, params, named, scorer.observe)
     scores = scorer.scores([t for t in tensors if not t.is_kept])
     decision = budget.decide(tensors, params, scores) if params.is_budget else \
