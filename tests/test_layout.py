@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ewq"
 FLOORS = [
     ("ground: vocabulary and safe I/O", ["ewq", "ewq.errors", "ewq.console", "ewq.quant_types", "ewq.fileio",
                                          "ewq.processes"]),
-    ("files and formats", ["ewq.weights", "ewq.assets", "ewq.data", "ewq.results", "ewq.llamacpp", "ewq.experts",
+    ("files and formats", ["ewq.weights", "ewq.twin", "ewq.assets", "ewq.data", "ewq.results", "ewq.llamacpp", "ewq.experts",
                            "ewq.rearranged"]),
     ("engines and metrics", ["ewq.backends", "ewq.metrics"]),
     ("measure and decide", ["ewq.sensitivity", "ewq.plan"]),

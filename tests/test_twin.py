@@ -1,4 +1,4 @@
-"""benchmarks/rotated_twin.py: a stand-in that favours no type computes what its source computes."""
+"""ewq/twin.py: a stand-in that favours no type computes what its source computes."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from benchmarks.off_grid import grid_step
-from benchmarks.rotated_twin import random_rotation, rotate, write_twin
+from ewq.twin import random_rotation, rotate, twin_of, write_twin
 
 
 def on_q4_1_grid(model):
@@ -87,3 +87,22 @@ def test_a_layout_the_twin_does_not_know_is_refused():
     with pytest.raises(ValueError, match="does not know how to rotate"):
         rotate({**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(4, 64)}, q)
     assert np.isfinite(q.numpy()).all()
+
+
+def test_the_twin_records_its_source_and_the_report_names_it(tmp_path, monkeypatch):
+    from ewq import assets
+    from ewq.report.page import baseline_caveat
+
+    source = tmp_path / "source"
+    tiny_llama(num_layers=1, tie=True).save_pretrained(source, safe_serialization=True)
+    twin = write_twin(source, tmp_path / "twin", seed=4, dtype=torch.bfloat16)
+    assert twin_of(twin) == {"source": str(source), "seed": 4, "dtype": "bfloat16"} and twin_of(source) is None
+    monkeypatch.setattr(assets, "DEFAULT_MODEL_DIR", source)
+    assert "the rotated twin of the offline default model (seed 4, bfloat16)" in baseline_caveat(str(twin))
+    assert "dequantized from a Q4_1 GGUF" in baseline_caveat(str(source))
+    assert baseline_caveat(str(tmp_path)).startswith(f"Figures for {tmp_path} only")
+    # the marker is written last: weights without it are a write cut short, written again
+    (twin / "twin.json").unlink()
+    (twin / "model.safetensors").write_bytes(b"cut short")
+    write_twin(source, twin, seed=4, dtype=torch.bfloat16)
+    assert twin_of(twin)["seed"] == 4 and (twin / "model.safetensors").stat().st_size > 1000

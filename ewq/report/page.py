@@ -21,6 +21,7 @@ from ..plan.files import find_plan, load_plan
 from ..fileio import ensure_writable_dir, write_text_atomic
 from ..results.record import LLAMA_CPP_PRESETS, Result, Variant
 from ..study import PREDICTORS, StudyFile, tensor_kind
+from ..twin import twin_of
 from . import plots
 
 MIB = 2**20
@@ -233,13 +234,24 @@ def answer_lines(rows: list[Result], reference: Result) -> list[str]:
                      f"{with_se(best.kld, 4)} against {preset.label}'s {with_se(preset.kld, 4)}{by}.")
     if not lines:
         return []
-    caveat = ("The original here is the offline default model, dequantized from a Q4_1 GGUF: its baseline "
-              "already carries 4-bit error and its matrices lie on Q4_1's grid, which favours Q4_1-like types; "
-              "read the figures as what further quantization costs this model."
-              if Path(reference.model).resolve() == Path(assets.default_model()).resolve() else
-              f"Figures for {reference.model} only, against the original as the benchmark loaded it.")
     return ["## The answer", "", "Which variant is best at each size (KL divergence to the original, the figure "
-            "that decides between variants):", "", *lines, "", caveat, ""]
+            "that decides between variants):", "", *lines, "", baseline_caveat(reference.model), ""]
+
+
+def baseline_caveat(model: str) -> str:
+    """What the original is, for the default model and its twin: both carry the Q4_1 GGUF's error."""
+    twin = twin_of(model)
+    if twin and Path(twin["source"]).resolve() == Path(assets.default_model()).resolve():
+        return ("The original here is the rotated twin of the offline default model (seed "
+                f"{twin['seed']}, {twin['dtype']}): its residual stream turned by a random orthogonal matrix, the "
+                "norms folded in, so it computes the default model's function with its matrices on no quantization "
+                "grid, favouring no type. That function was dequantized from a Q4_1 GGUF, so the baseline carries "
+                "4-bit error: read the figures as what further quantization costs this model.")
+    if Path(model).resolve() == Path(assets.default_model()).resolve():
+        return ("The original here is the offline default model, dequantized from a Q4_1 GGUF: its baseline "
+                "already carries 4-bit error and its matrices lie on Q4_1's grid, which favours Q4_1-like types; "
+                "read the figures as what further quantization costs this model.")
+    return f"Figures for {model} only, against the original as the benchmark loaded it."
 
 
 @lru_cache(maxsize=None)
