@@ -548,6 +548,24 @@ def test_replayed_layers_give_the_full_forward_kld_and_the_model_is_left_as_it_w
     assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
+def test_a_bf16_model_is_measured_with_its_output_projection_in_float32():
+    """bf16 logits are rounded to ~2^-8 of their size; the measurement's head runs in float32 on the
+    decoder's bf16 output, as its float64 product does within float32 rounding, and is left unhooked."""
+    from ewq.sensitivity.service import window_logits
+
+    model = tiny_llama(num_layers=2, hidden=256, vocab=512, seed=3).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (48,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = window_logits(model, ids)
+        out = model(input_ids=ids[None], use_cache=False, output_hidden_states=True)
+    exact = out.hidden_states[-1][0].double() @ model.lm_head.weight.double().T  # the final norm's output
+    assert logits.dtype == torch.float32
+    float32_error = float((logits.double() - exact).abs().max())
+    bf16_error = float((out.logits[0].double() - exact).abs().max())
+    assert float32_error < 1e-4 * float(exact.abs().max()) and bf16_error > 20 * float32_error
+    assert not model.lm_head._forward_hooks
+
+
 def test_token_kld_is_the_definition_for_small_and_large_perturbations():
     from ewq.metrics.kld import token_kld
 

@@ -123,9 +123,24 @@ class Measurement:
         return sum(self.per_window_kld) / len(self.per_window_kld)
 
 
+def _float32_head(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the output projection: its product again in float32, whatever the model's dtype."""
+    bias = None if getattr(module, "bias", None) is None else module.bias.float()
+    return torch.nn.functional.linear(inputs[0].float(), module.weight.float(), bias)
+
+
 def window_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """[tokens, vocab] float32 logits of one window of token ids."""
-    return model(input_ids=ids[None], use_cache=False).logits[0].float()
+    """[tokens, vocab] float32 logits of one window of token ids. The decoder runs in the model's dtype,
+    the output projection in float32 (its weight as it is at the call: a swapped head is measured): bf16
+    logits are rounded to about 2^-8 of their size, a floor under the ΔKLD of one tensor of a large model.
+    A float32 model runs as it is."""
+    head = model.get_output_embeddings()
+    handle = None if head is None or model.dtype == torch.float32 else head.register_forward_hook(_float32_head)
+    try:
+        return model(input_ids=ids[None], use_cache=False).logits[0].float()
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class SensitivityService:
