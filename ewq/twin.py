@@ -77,8 +77,8 @@ def write_twin(source: Path, target: Path, seed: int, dtype: torch.dtype) -> Pat
     """The twin's model directory (config untied, tokenizer files copied); kept if already there."""
     from safetensors.torch import load_file, save_file
 
-    from ewq import weights
-    from ewq.fileio import atomic_path
+    from . import weights
+    from .fileio import atomic_path
 
     if (target / "model.safetensors").is_file() and (target / MARKER).is_file():
         return target

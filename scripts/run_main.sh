@@ -31,6 +31,6 @@ if $PY -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['budget'
      "$KLD_PLAN"; then
   $PY benchmark_ewq.py --model "$MODEL" --plan "$KLD_PLAN" "${BNB_SKIP[@]}" "$@"
 else
-  echo "run_main: the kld plan's bitsandbytes side does not fit Q4_K_M's size (its floor, every matrix nf4, is larger): not benchmarked" >&2
+  echo "run_main: the kld plan's bitsandbytes side does not fit Q4_K_M's size (its floor exceeds the budget): not benchmarked" >&2
 fi
 $PY compare_results.py
