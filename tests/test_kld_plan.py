@@ -520,7 +520,37 @@ def test_kld_scores_need_a_budget_and_the_calibration_flags_need_kld(tmp_path):
     result = run("create_quantization_plan.py", "--model", tmp_path / "m", "--sensitivity-band", "4",
                  "--out-dir", tmp_path / "p", check=False)
     assert_usage_error(result, "go with --score kld")
+    result = run("create_quantization_plan.py", "--model", tmp_path / "m", "--target-bpw", "8", "--dtype", "bfloat16",
+                 "--out-dir", tmp_path / "p", check=False)
+    assert_usage_error(result, "go with --score kld")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_kld_plan_measured_in_bf16_says_so_and_keeps_its_own_measurements(tmp_path, monkeypatch):
+    """The measurement's dtype is the plan's: recorded (float32, the default, as before it could be
+    chosen: same params, same hash), the model loaded in it, its sensitivities cached apart."""
+    from ewq.backends import hf
+
+    model_dir = with_tokenizer(tiny_llama(num_layers=2, vocab=49152, tie=True), tmp_path / "tied")
+    loaded = []
+    real_load = hf.load_model
+
+    def load(model, device, dtype, *args, **kwargs):
+        loaded.append(dtype)
+        return real_load(model, device, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "load_model", load)
+    common = dict(target_bytes=2_200_000, score=Score.KLD, keep_embeddings=False, keep_lm_head=False,
+                  calibration_windows=1, calibration_context=32)
+    plans = tmp_path / "plans"
+    float32 = create_plan(str(model_dir), PlanParams(**common), cache_dir=plans)
+    bf16 = create_plan(str(model_dir), PlanParams(**common, measure_dtype="bfloat16"), cache_dir=plans)
+    assert loaded == [torch.float32, torch.bfloat16]
+    assert "measure_dtype" not in float32.params.to_json() and bf16.params.to_json()["measure_dtype"] == "bfloat16"
+    assert float32.plan_hash != bf16.plan_hash
+    caches = [json.loads(path.read_text())["fingerprint"] for path in sorted(plans.glob("kld_sensitivity_*.json"))]
+    assert sorted(c.get("dtype", "float32") for c in caches) == ["bfloat16", "float32"]
+    assert bf16.budget.gguf.predicted_kld > 0 and bf16.budget.gguf.bytes <= common["target_bytes"]
 
 
 def test_replayed_layers_give_the_full_forward_kld_and_the_model_is_left_as_it_was():

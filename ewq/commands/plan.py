@@ -5,6 +5,8 @@ import collections
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
+import torch
+
 from .. import weights
 from ..backends import hf
 from ..console import log
@@ -87,6 +89,9 @@ def parse_args(argv):
                      help="measure each tensor kind over bands of N layers at once (N times fewer measurements, "
                           "one sensitivity per band); 1 = every tensor alone (default)")
     kld.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs for the measurement")
+    kld.add_argument("--dtype", choices=["auto", *hf.DTYPES], help="the measurement's compute dtype (auto: float32 on "
+                     "CPU, the checkpoint's on a GPU); the output projection, the log-softmax and the KLD run in "
+                     "float32 whatever it is")
     parser.add_argument("--out-dir", type=Path, default=PLANS_DIR, help="where the plan is written")
     add_dry_run_arg(parser)
     args = parser.parse_args(argv)
@@ -101,9 +106,9 @@ def parse_args(argv):
                      "--allocator ranked, with --score error or kld")
     if args.score == Score.PR15550.value and not predicting:
         parser.error("--score pr15550 predicts every type's cost: it goes with a size budget and the optimized allocator")
-    if (args.calibration_windows or args.calibration_context or args.sensitivity_band) \
+    if (args.calibration_windows or args.calibration_context or args.sensitivity_band or args.dtype) \
             and args.score != Score.KLD.value:
-        parser.error("--calibration-windows / --calibration-context / --sensitivity-band go with --score kld")
+        parser.error("--calibration-windows / --calibration-context / --sensitivity-band / --dtype go with --score kld")
     return args
 
 
@@ -111,6 +116,9 @@ def main(argv=None):
     args = parse_args(argv)
     imatrix = ImportanceMatrix.load(args.imatrix) if args.imatrix is not None else None
     score = Score(args.score)
+    files = weights.open_model(args.model)
+    device = hf.resolve_device(args.device) if score is Score.KLD else "cpu"
+    dtype = hf.compute_dtype(device, args.dtype or "auto", model_dir=files.root) if score is Score.KLD else None
     params = PlanParams(granularity=Granularity(args.granularity), entropy_factor=args.entropy_factor,
                         fp16_factor=args.fp16_factor, bins=args.bins, keep_embeddings=args.keep_embeddings,
                         keep_lm_head=args.keep_lm_head, min_params=args.min_params, target_bpw=args.target_bpw,
@@ -119,9 +127,8 @@ def main(argv=None):
                         imatrix_digest=file_digest(args.imatrix) if imatrix else None,
                         calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
                         sensitivity_band=args.sensitivity_band,
-                        allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value))  # threshold plans drop it
-    device = hf.resolve_device(args.device) if score is Score.KLD else "cpu"
-    files = weights.open_model(args.model)
+                        allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value),  # threshold plans drop it
+                        measure_dtype=None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch."))
     check_writable_dir(args.out_dir)
     if args.dry_run:
         hash_ = plan_hash(weights.model_hash(files), params)
@@ -129,7 +136,8 @@ def main(argv=None):
                 else f"entropy thresholds K={params.entropy_factor}, J={params.fp16_factor} at {params.granularity.value} level")
         if score is Score.KLD:
             per = f"per band of {params.sensitivity_band} layers" if params.sensitivity_band else "per tensor"
-            rule += (f" (sensitivity measured {per} on {device}, {params.calibration_windows} x "
+            rule += (f" (sensitivity measured {per} on {device} in {params.measure_dtype or 'float32'}, "
+                     f"{params.calibration_windows} x "
                      f"{params.calibration_context} calibration tokens, cached in {args.out_dir})")
         return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
                         f"({len(files.weight_files)} file(s)); entropy over {params.bins} bins",

@@ -204,7 +204,7 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
         sensitivity = CachedSensitivity(files.root, model_hash,
                                         CalibrationSpec(params.calibration_windows, params.calibration_context),
                                         device, Path(cache_dir or "."), imatrix, imatrix_digest,
-                                        rearranged.by_name(named.parts))
+                                        rearranged.by_name(named.parts), getattr(torch, params.measure_dtype or "float32"))
     scorer = scorer_for(params, imatrix, sensitivity)
     if isinstance(scorer, PredictingScorer) and cache_dir is not None:
         scorer.distortions = DistortionCache.open(Path(cache_dir), model_hash, imatrix_digest)

@@ -105,6 +105,8 @@ class PlanParams:
     sensitivity_band: int | None = None
     # size-budget plans: how types are chosen; None in a file written before it existed (legacy_allocator)
     allocator: Allocator | None = None
+    # --score kld: the measurement's compute dtype where it is not float32 (bfloat16, float16)
+    measure_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -135,11 +137,12 @@ class PlanParams:
         return {key: value for key, value in out.items() if key not in _OPTIONAL or value is not None}
 
 
-_OPTIONAL = ("calibration_windows", "calibration_context", "sensitivity_band", "allocator")
+_OPTIONAL = ("calibration_windows", "calibration_context", "sensitivity_band", "allocator", "measure_dtype")
 # Parameters added after schema 1 plans were written: left out of the plan hash while at their
 # defaults, so that earlier plans keep their hash (and file name).
 _LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None,
-                 "calibration_windows": None, "calibration_context": None, "sensitivity_band": None}
+                 "calibration_windows": None, "calibration_context": None, "sensitivity_band": None,
+                 "measure_dtype": None}
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:

@@ -50,16 +50,19 @@ def calibration_tokens(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     return torch.tensor(ids[:need]).reshape(spec.windows, spec.context)
 
 
-def cache_path(cache_dir: Path, model_hash: str, imatrix_digest: str | None, tokens: torch.Tensor) -> Path:
-    """One cache per model, importance matrix and calibration tokens."""
-    key = hashlib.sha256(json.dumps([model_hash, imatrix_digest, tokens.tolist()]).encode()).hexdigest()[:12]
+def cache_path(cache_dir: Path, model_hash: str, imatrix_digest: str | None, tokens: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """One cache per model, importance matrix, calibration tokens and compute dtype (float32's key as before
+    the dtype was chosen)."""
+    keyed = [model_hash, imatrix_digest, tokens.tolist()] + ([] if dtype is torch.float32 else [str(dtype)])
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{CACHE_PREFIX}{model_hash}_{key}.json"
 
 
 @dataclass
 class CachedSensitivity:
     """Where and how the kld score measures one model: its directory, hash and rearranged parts, the
-    importance matrix, the calibration windows, the device and the cache directory."""
+    importance matrix, the calibration windows, the device, the compute dtype and the cache directory."""
     model_dir: Path
     model_hash: str
     spec: CalibrationSpec
@@ -68,6 +71,7 @@ class CachedSensitivity:
     imatrix: ImportanceMatrix | None = None
     imatrix_digest: str | None = None
     parts: dict[str, Part] | None = None
+    dtype: torch.dtype = torch.float32  # the decoder's; the output projection runs in float32 (service.py)
 
     @cached_property
     def tokens(self) -> torch.Tensor:
@@ -80,14 +84,16 @@ class CachedSensitivity:
         """The model, loaded once, and its unperturbed outputs on the calibration windows."""
         from ..backends import hf
 
-        model = hf.load_model(self.model_dir, self.device, hf.compute_dtype(self.device, model_dir=self.model_dir))
+        model = hf.load_model(self.model_dir, self.device, self.dtype)
         return SensitivityService(model, self.tokens, self.imatrix, self.parts)
 
     def group_klds(self, groups: list[Group], types: dict[str, LlamaType]) -> dict[str, float]:
         """ΔKLD_g(types) for every group, from the cache where measured with the same types, else
         measured (and cached after each group)."""
-        path = cache_path(ensure_writable_dir(self.cache_dir), self.model_hash, self.imatrix_digest, self.tokens)
-        fingerprint = {"model_hash": self.model_hash, "imatrix": self.imatrix_digest, "calibration": asdict(self.spec)}
+        path = cache_path(ensure_writable_dir(self.cache_dir), self.model_hash, self.imatrix_digest, self.tokens,
+                          self.dtype)
+        fingerprint = {"model_hash": self.model_hash, "imatrix": self.imatrix_digest, "calibration": asdict(self.spec),
+                       **({} if self.dtype is torch.float32 else {"dtype": str(self.dtype).removeprefix("torch.")})}
         cached = read_cache(path, fingerprint, "sensitivity").get("groups", {})
         swapped = {g.name: {e.hf_name: types[e.hf_name].value for e in g.entries} for g in groups}
         done = {g.name: cached[g.name]["kld"] for g in groups
@@ -96,7 +102,8 @@ class CachedSensitivity:
             log(f"sensitivity: {len(done)} groups/tensors from {path}")
             return done
         log(f"sensitivity: measuring {len(groups) - len(done)} groups/tensors ({len(done)} cached) on "
-            f"{self.spec.windows} x {self.spec.context} calibration tokens, {self.device}; cache {path}")
+            f"{self.spec.windows} x {self.spec.context} calibration tokens, {self.device}, "
+            f"{str(self.dtype).removeprefix('torch.')}; cache {path}")
         started = time.time()
 
         def save(kld: dict[str, float]) -> None:
