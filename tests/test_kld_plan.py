@@ -588,7 +588,7 @@ def test_a_bf16_model_is_measured_with_its_output_projection_in_float32():
     with torch.inference_mode():
         logits = window_logits(model, ids)
         out = model(input_ids=ids[None], use_cache=False, output_hidden_states=True)
-    exact = out.hidden_states[-1][0].double() @ model.lm_head.weight.double().T  # the final norm's output
+        exact = out.hidden_states[-1][0].double() @ model.lm_head.weight.double().T  # the final norm's output
     assert logits.dtype == torch.float32
     float32_error = float((logits.double() - exact).abs().max())
     bf16_error = float((out.logits[0].double() - exact).abs().max())
