@@ -73,6 +73,10 @@ class CachedSensitivity:
     parts: dict[str, Part] | None = None
     dtype: torch.dtype = torch.float32  # the decoder's; the output projection runs in float32 (service.py)
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
     @cached_property
     def tokens(self) -> torch.Tensor:
         from ..backends import hf
@@ -93,7 +97,7 @@ class CachedSensitivity:
         path = cache_path(ensure_writable_dir(self.cache_dir), self.model_hash, self.imatrix_digest, self.tokens,
                           self.dtype)
         fingerprint = {"model_hash": self.model_hash, "imatrix": self.imatrix_digest, "calibration": asdict(self.spec),
-                       **({} if self.dtype is torch.float32 else {"dtype": str(self.dtype).removeprefix("torch.")})}
+                       **({} if self.dtype is torch.float32 else {"dtype": self.dtype_name})}
         cached = read_cache(path, fingerprint, "sensitivity").get("groups", {})
         swapped = {g.name: {e.hf_name: types[e.hf_name].value for e in g.entries} for g in groups}
         done = {g.name: cached[g.name]["kld"] for g in groups
@@ -103,7 +107,7 @@ class CachedSensitivity:
             return done
         log(f"sensitivity: measuring {len(groups) - len(done)} groups/tensors ({len(done)} cached) on "
             f"{self.spec.windows} x {self.spec.context} calibration tokens, {self.device}, "
-            f"{str(self.dtype).removeprefix('torch.')}; cache {path}")
+            f"{self.dtype_name}; cache {path}")
         started = time.time()
 
         def save(kld: dict[str, float]) -> None:
