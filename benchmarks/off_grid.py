@@ -10,8 +10,10 @@ weights cost nothing. A stand-in, not a trained model: its F16 file is the refer
 every KLD below, and how far the noise moved it from the default model is printed too.
 
 Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
-its tensor bytes the plans by kld, error, pr15550 and entropy, each file measured by
-llama-perplexity --kl-divergence against the F16 file on evaluation-role text the calibration never saw.
+its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, and by the weights' error alone),
+error, pr15550 and entropy, each file measured by llama-perplexity --kl-divergence against the F16 file
+on evaluation-role text the calibration never saw; then each kld plan's predicted KLD against what it
+measures in the HF model and in llama.cpp, on calibration and on evaluation text.
 
     python -m benchmarks.off_grid [--stand-in noise|twin] [--out-dir DIR] [--seed 0] [--chunks 24]
                                   [--allocator optimized|ranked]
@@ -81,18 +83,19 @@ def write_off_grid_model(source: Path, target: Path, seed: int) -> dict[str, int
 
 
 def plan_file(model: Path, target_size: Path, score: str, imatrix: Path, out_dir: Path, f16: Path,
-              allocator: str = "optimized") -> Path:
-    """The issue's command for one score, then the plan's quantize script: the planned GGUF."""
+              allocator: str = "optimized", extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The issue's command for one score (and `extra` arguments), then the plan's quantize script: (the
+    plan file, the planned GGUF)."""
     from ewq.processes import run_tool
     from ewq.llamacpp import tools as llama_tools
 
     command = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", model, "--target-size",
                target_size, "--score", score, "--no-keep-embeddings", "--no-keep-lm-head", "--out-dir", out_dir,
-               "--allocator", allocator]
+               "--allocator", allocator, *extra]
     command += ["--imatrix", imatrix] if score in ("kld", "error", "pr15550") or allocator == "optimized" else []
     plan, script = run_tool(command, f"the {score} plan").stdout.split()[:2]
     out = out_dir / f"{Path(plan).stem.removeprefix('quant_plan_')}-{score}-{allocator}.gguf"
-    return llama_tools.quantize_with_plan(Path(script), f16, out, imatrix)
+    return Path(plan), llama_tools.quantize_with_plan(Path(script), f16, out, imatrix)
 
 
 def main(argv=None) -> None:
@@ -131,18 +134,20 @@ def main(argv=None) -> None:
     imatrix = llama_tools.build_imatrix(f16, calibration_file(out), out / "imatrix.gguf", IMATRIX_CONTEXT,
                                        IMATRIX_CHUNKS)
     q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
-    files = {"Q4_K_M": q4_k_m}
-    for score in ("kld", "error", "pr15550", "entropy"):
-        files[score] = plan_file(model, q4_k_m, score, imatrix, out, f16,
-                                 "optimized" if score in ("kld", "pr15550") else args.allocator)
+    files, plans = {"Q4_K_M": q4_k_m}, {}
+    variants = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "weights")),
+                "error": ("error", ()), "pr15550": ("pr15550", ()), "entropy": ("entropy", ())}
+    for label, (score, extra) in variants.items():
+        plans[label], files[label] = plan_file(model, q4_k_m, score, imatrix, out, f16,
+                                               "optimized" if score in ("kld", "pr15550") else args.allocator, extra)
 
     text = out / "eval.txt"
     if not text.is_file():
         write_text_atomic(text, wiki.eval_text(assets.wiki_file()))
     base = out / "F16.kld-base"
 
-    def measure(gguf: Path, write_base: bool = False, against: Path = base) -> dict:
-        return llama_tools.llama_perplexity(gguf, text, context, args.chunks, threads, against, write_base)
+    def measure(gguf: Path, write_base: bool = False, against: Path = base, on: Path = text) -> dict:
+        return llama_tools.llama_perplexity(gguf, on, context, args.chunks, threads, against, write_base)
 
     def figure(value: dict | None) -> str:
         return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
@@ -168,6 +173,27 @@ def main(argv=None) -> None:
               f"{figure(measured.get('kld')):>22} {p99['mean'] if p99 else float('nan'):>9.5f} "
               f"{figure(measured.get('same_top1_pct')):>16} {figure(measured.get('rms_dp_pct')):>16} "
               f"{figure(measured.get('ppl_ratio')):>18}")
+
+
+    # item 3 of the issue: each kld plan's predicted KLD (calibration windows, sum over tensors) against its
+    # whole-plan measurements: in the HF model on those windows, and by llama-perplexity on calibration text
+    # (the importance matrix's, whose first windows the sensitivities were measured on) and on evaluation text
+    calibration, calibration_base = calibration_file(out), out / "F16-calibration.kld-base"
+    measure(f16, write_base=True, against=calibration_base, on=calibration)
+    print(f"{'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
+          f"{'llama.cpp, evaluation':>24}   (measured / predicted)")
+    for label in ("kld", "kld weights"):
+        from ewq.plan.files import load_plan
+
+        gguf_budget = load_plan(plans[label]).budget.gguf
+        predicted = gguf_budget.predicted_kld
+        on_calibration = measure(files[label], against=calibration_base, on=calibration)["kld"]["mean"]
+        on_evaluation = measure(files[label])["kld"]["mean"]
+        print(f"{label:12} {predicted:>9.5f} {gguf_budget.measured_kld_calibration:>9.5f} "
+              f"({gguf_budget.measured_kld_calibration / predicted:.2f}) {on_calibration:>16.5f} "
+              f"({on_calibration / predicted:.2f}) {on_evaluation:>16.5f} ({on_evaluation / predicted:.2f})")
+    q4_on_calibration = measure(q4_k_m, against=calibration_base, on=calibration)["kld"]
+    print(f"Q4_K_M on calibration text: {figure(q4_on_calibration)}")
 
 
 if __name__ == "__main__":

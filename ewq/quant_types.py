@@ -11,6 +11,8 @@ floor above, importing nothing of the project but its errors.
                 RANK_LADDER      the rank-ordered size-budget ladder (Q4_K … F16, legacy where K blocks do not fit)
                 GGUF_MENU        the kld score's menu (Q3_K … F16), cheapest first at equal size
                 BNB_MENU         bitsandbytes' nf4, int8, fp16
+  Arithmetic  how llama.cpp's kernels round a quantized matmul's input (activation_type): per weight type on
+              the CPU, Q8_1 for every type on CUDA, or not modelled (the weights' error alone)
 """
 from __future__ import annotations
 
@@ -148,3 +150,37 @@ def gguf_menu(ncols: int) -> list[LlamaType]:
 def reference_type(ncols: int) -> LlamaType:
     """The type a tensor's sensitivity is measured at: the cheapest of its menu (the largest error)."""
     return min(gguf_menu(ncols), key=lambda t: (t.bits_per_weight, GGUF_MENU.index(t)))
+
+
+# --- llama.cpp's activations: what a matmul's input is rounded to, per weight type --------------------------
+
+class Arithmetic(str, Enum):
+    """Whose matmuls a kld plan's predictions model. A quantized matmul in llama.cpp does not multiply
+    float inputs: it rounds them to blocks of int8 first (the weight type's vec_dot_type), and that
+    rounding costs KLD of its own, which a measurement in the Hugging Face model does not see."""
+    CPU = "cpu"  # ggml-cpu's type_traits_cpu: CPU_ACTIVATION_TYPE
+    CUDA = "cuda"  # ggml-cuda's MMQ / MMVQ: every quantized type's input to Q8_1 blocks of 32
+    WEIGHTS = "weights"  # the weights' error alone (kld plans made before)
+
+
+# ggml-cpu.c type_traits_cpu[].vec_dot_type for the menu's types; F16 weights take F16 inputs, as the F16
+# reference file's do, so they add nothing against it
+CPU_ACTIVATION_TYPE = {
+    LlamaType.Q4_0: LlamaType.Q8_0, LlamaType.Q5_0: LlamaType.Q8_0, LlamaType.Q8_0: LlamaType.Q8_0,
+    LlamaType.IQ4_NL: LlamaType.Q8_0, LlamaType.Q4_1: LlamaType.Q8_1, LlamaType.Q5_1: LlamaType.Q8_1,
+    LlamaType.Q2_K: LlamaType.Q8_K, LlamaType.Q3_K: LlamaType.Q8_K, LlamaType.Q4_K: LlamaType.Q8_K,
+    LlamaType.Q5_K: LlamaType.Q8_K, LlamaType.Q6_K: LlamaType.Q8_K, LlamaType.IQ4_XS: LlamaType.Q8_K,
+}
+UNQUANTIZED_INPUT = (LlamaType.F16, LlamaType.BF16, LlamaType.F32)
+
+
+def activation_type(weight_type: LlamaType, arithmetic: Arithmetic) -> LlamaType | None:
+    """The block type a matmul's input is rounded to for a weight of `weight_type` (None: not rounded, or
+    not modelled); a ValueError for a type whose CPU kernel is not in the table."""
+    if arithmetic is Arithmetic.WEIGHTS or weight_type in UNQUANTIZED_INPUT:
+        return None
+    if arithmetic is Arithmetic.CUDA:
+        return LlamaType.Q8_1
+    if weight_type not in CPU_ACTIVATION_TYPE:
+        raise ValueError(f"no CPU activation type recorded for {weight_type}")
+    return CPU_ACTIVATION_TYPE[weight_type]

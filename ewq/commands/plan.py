@@ -13,6 +13,7 @@ from ..console import log
 from ..errors import UserError
 from ..llamacpp.gguf_read import describe
 from ..llamacpp.quantizers import ImportanceMatrix
+from ..quant_types import Arithmetic
 from ..plan.create import create_plan
 from ..plan.files import plan_path, script_path, types_path, write_plan
 from ..plan.entries import Allocator, Granularity, Plan, PlanParams, Score, plan_hash
@@ -92,6 +93,11 @@ def parse_args(argv):
     kld.add_argument("--dtype", choices=["auto", *hf.DTYPES], help="the measurement's compute dtype (auto: float32 on "
                      "CPU, the checkpoint's on a GPU); the output projection, the log-softmax and the KLD run in "
                      "float32 whatever it is")
+    kld.add_argument("--kld-arithmetic", choices=[a.value for a in Arithmetic],
+                     help="whose matmuls the predictions model: cpu (default) adds the error of the inputs that "
+                          "llama.cpp's CPU kernels round to int8 blocks for each weight type (Q8_0 / Q8_1 per 32 values, "
+                          "Q8_K per 256 for K-quants and IQ4_XS), cuda that of CUDA's (Q8_1 per 32 for every type), "
+                          "weights the weights' error alone (kld plans made before)")
     parser.add_argument("--out-dir", type=Path, default=PLANS_DIR, help="where the plan is written")
     add_dry_run_arg(parser)
     args = parser.parse_args(argv)
@@ -106,9 +112,10 @@ def parse_args(argv):
                      "--allocator ranked, with --score error or kld")
     if args.score == Score.PR15550.value and not predicting:
         parser.error("--score pr15550 predicts every type's cost: it goes with a size budget and the optimized allocator")
-    if (args.calibration_windows or args.calibration_context or args.sensitivity_band or args.dtype) \
-            and args.score != Score.KLD.value:
-        parser.error("--calibration-windows / --calibration-context / --sensitivity-band / --dtype go with --score kld")
+    if (args.calibration_windows or args.calibration_context or args.sensitivity_band or args.dtype
+            or args.kld_arithmetic) and args.score != Score.KLD.value:
+        parser.error("--calibration-windows / --calibration-context / --sensitivity-band / --dtype / --kld-arithmetic "
+                     "go with --score kld")
     return args
 
 
@@ -128,7 +135,8 @@ def main(argv=None):
                         calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
                         sensitivity_band=args.sensitivity_band,
                         allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value),  # threshold plans drop it
-                        measure_dtype=None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch."))
+                        measure_dtype=None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch."),
+                        kld_arithmetic=Arithmetic(args.kld_arithmetic or Arithmetic.CPU.value) if score is Score.KLD else None)
     check_writable_dir(args.out_dir)
     if args.dry_run:
         hash_ = plan_hash(weights.model_hash(files), params)

@@ -11,7 +11,7 @@
     score   every matrix that no keep-rule holds (scores.py)
     decide  the threshold rule or the size-budget allocation (threshold.py / budget.py); a kld plan
             then measures itself whole on the calibration windows, with the model the scores were
-            measured with (additivity: predicted against measured)
+            measured with and in the arithmetic they model (additivity: predicted against measured)
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..fileio import file_digest
 from ..llamacpp.names import Naming, gguf_names
 from ..llamacpp.quantizers import ImportanceMatrix
+from ..quant_types import Arithmetic
 from ..sensitivity.cached import CachedSensitivity, CalibrationSpec
 from ..weights import block_index
 from . import budget, threshold
@@ -214,9 +215,12 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
         threshold.decide(tensors, params, scores.rank)
     if sensitivity is not None:
         gguf = decision.budget.gguf
-        gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None])
+        arithmetic = params.kld_arithmetic or Arithmetic.WEIGHTS
+        gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None],
+                                                           arithmetic)
+        inputs = "" if arithmetic is Arithmetic.WEIGHTS else f", inputs rounded as llama.cpp's {arithmetic.value} matmuls do"
         log(f"additivity on the calibration windows: predicted KLD {gguf.predicted_kld:.3g} (sum over tensors), "
-            f"measured {gguf.measured_kld_calibration:.3g} (all tensors at once)")
+            f"measured {gguf.measured_kld_calibration:.3g} (all tensors at once{inputs})")
     if isinstance(scorer, PredictingScorer) and scorer.distortions is not None:
         scorer.distortions.save()
     return Plan(model_id=model_id, model_hash=model_hash, model_type=files.model_type, params=params,

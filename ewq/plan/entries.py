@@ -18,7 +18,7 @@ from enum import Enum
 from functools import cached_property
 from typing import Callable, Hashable, Iterable
 
-from ..quant_types import VECTOR_TYPE, LlamaType, Precision, bnb_bits, never_quantized, parse_type
+from ..quant_types import VECTOR_TYPE, Arithmetic, LlamaType, Precision, bnb_bits, never_quantized, parse_type
 from .reports import BudgetReport, PlanSummary, PrecisionCount
 
 SCHEMA_VERSION = 1
@@ -107,6 +107,9 @@ class PlanParams:
     allocator: Allocator | None = None
     # --score kld: the measurement's compute dtype where it is not float32 (bfloat16, float16)
     measure_dtype: str | None = None
+    # --score kld: whose matmuls its predictions model, cpu or cuda (quant_types.Arithmetic); None = the
+    # weights' error alone, as kld plans were made before
+    kld_arithmetic: Arithmetic | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -114,6 +117,9 @@ class PlanParams:
         if self.score is Score.KLD:  # 2 windows of 512 tokens unless given
             object.__setattr__(self, "calibration_windows", self.calibration_windows or 2)
             object.__setattr__(self, "calibration_context", self.calibration_context or 512)
+        arithmetic = Arithmetic(self.kld_arithmetic) if self.kld_arithmetic else None
+        object.__setattr__(self, "kld_arithmetic", None if self.score is not Score.KLD or arithmetic is
+                           Arithmetic.WEIGHTS else arithmetic)
         if self.sensitivity_band == 1:  # a band of one layer is a tensor alone
             object.__setattr__(self, "sensitivity_band", None)
         if self.is_budget:
@@ -133,16 +139,18 @@ class PlanParams:
         """The plan file's `params`; the kld-only fields and the allocator only where set, so that other
         plans keep their bytes."""
         out = {**asdict(self), "granularity": self.granularity.value, "score": self.score.value,
-               "allocator": self.allocator.value if self.allocator else None}
+               "allocator": self.allocator.value if self.allocator else None,
+               "kld_arithmetic": self.kld_arithmetic.value if self.kld_arithmetic else None}
         return {key: value for key, value in out.items() if key not in _OPTIONAL or value is not None}
 
 
-_OPTIONAL = ("calibration_windows", "calibration_context", "sensitivity_band", "allocator", "measure_dtype")
+_OPTIONAL = ("calibration_windows", "calibration_context", "sensitivity_band", "allocator", "measure_dtype",
+             "kld_arithmetic")
 # Parameters added after schema 1 plans were written: left out of the plan hash while at their
 # defaults, so that earlier plans keep their hash (and file name).
 _LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None,
                  "calibration_windows": None, "calibration_context": None, "sensitivity_band": None,
-                 "measure_dtype": None}
+                 "measure_dtype": None, "kld_arithmetic": None}
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:

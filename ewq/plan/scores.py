@@ -12,7 +12,11 @@ With the ranked allocator (--allocator ranked, how entropy/error/random plans we
   random   a seeded shuffle: the control
   kld      predicted ΔKLD of every llama.cpp type and bitsandbytes precision, α_t · e_t(q), with α_t
            measured end to end (ewq.sensitivity: per tensor, or shared by a group); its rank score is the
-           predicted ΔKLD at the reference type (for a tensor measured alone, the measured one)
+           predicted ΔKLD at the reference type (for a tensor measured alone, the measured one). In
+           llama.cpp's arithmetic (--kld-arithmetic cpu / cuda) a llama.cpp type's prediction is
+           α_t · (e_t(q) + r_t(a(q))): r_t the relative error of t's output from rounding its input to the
+           activation type a(q) that llama.cpp's matmul takes for q (quant_types.activation_type), measured
+           on the calibration windows; an F16 matrix, and every bitsandbytes option, add nothing
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..llamacpp.quantizers import ImportanceMatrix, relative_error
-from ..quant_types import LlamaType, Precision, rank_ladder, reference_type
+from ..quant_types import Arithmetic, LlamaType, Precision, activation_type, rank_ladder, reference_type
 from ..sensitivity.cached import CachedSensitivity
 from ..sensitivity.service import Group, groups_for
 from . import distortion
@@ -112,13 +116,20 @@ class PredictingScorer(Scorer):
               floor_error: dict[str, float]) -> dict[str, float]:
         """α_t of every ranked matrix, given its reference type and its relative error there."""
 
+    def input_errors(self, ranked: list[TensorEntry]) -> dict[str, dict[LlamaType, float]]:
+        """What a llama.cpp type adds to e_t(q) in the units of e_t: r_t(a(q)) of llama.cpp's rounded inputs
+        (KldScorer); none by default."""
+        return {}
+
     def scores(self, ranked: list[TensorEntry]) -> Scores:
         reference = {t.hf_name: reference_type(t.ncols) for t in ranked}
         floor_error = {t.hf_name: self.gguf_errors[t.hf_name][reference[t.hf_name]] for t in ranked}
         alpha = self.alpha(ranked, reference, floor_error)
-        return Scores(rank={name: alpha[name] * floor_error[name] for name in floor_error},
-                      gguf={name: {q: alpha[name] * e for q, e in errors.items()}
-                            for name, errors in self.gguf_errors.items()},
+        added = self.input_errors(ranked)
+        gguf = {name: {q: alpha[name] * (e + added.get(name, {}).get(q, 0.0)) for q, e in errors.items()}
+                for name, errors in self.gguf_errors.items() if name in alpha}
+        return Scores(rank={name: gguf[name][reference[name]] for name in floor_error},
+                      gguf=gguf,
                       bnb={name: {p: alpha[name] * e for p, e in errors.items()}
                            for name, errors in self.bnb_errors.items()})
 
@@ -127,13 +138,27 @@ class KldScorer(PredictingScorer):
     """α_t measured end to end: ΔKLD when only t (or its group) is on its reference type, over e_t there."""
     score = Score.KLD
 
-    def __init__(self, band: int | None, imatrix: ImportanceMatrix | None, sensitivity: CachedSensitivity):
+    def __init__(self, band: int | None, imatrix: ImportanceMatrix | None, sensitivity: CachedSensitivity,
+                 arithmetic: Arithmetic = Arithmetic.WEIGHTS):
         super().__init__(imatrix)
-        self.band, self.sensitivity = band, sensitivity
+        self.band, self.sensitivity, self.arithmetic = band, sensitivity, arithmetic
 
     def alpha(self, ranked, reference, floor_error):
         groups = groups_for(ranked, self.band)
         return sensitivity(groups, self.sensitivity.group_klds(groups, reference), floor_error)
+
+    def input_errors(self, ranked):
+        if self.arithmetic is Arithmetic.WEIGHTS:
+            return {}
+        measured = self.sensitivity.activation_errors(ranked, self.arithmetic)
+        added = {}
+        for name, menu in self.gguf_errors.items():
+            for q in menu:
+                activation = activation_type(q, self.arithmetic)
+                r = measured.get(name, {}).get(activation.value) if activation is not None else None
+                if r is not None:
+                    added.setdefault(name, {})[q] = r
+        return added
 
 
 class ErrorPredictor(PredictingScorer):
@@ -213,7 +238,7 @@ def scorer_for(params: PlanParams, imatrix: ImportanceMatrix | None = None,
     """The scorer of params.score: with the optimized allocator one that predicts every option's ΔKLD
     (PredictingScorer), else one that ranks; the kld score measures through `sensitivity`."""
     if params.score is Score.KLD:
-        return KldScorer(params.sensitivity_band, imatrix, sensitivity)
+        return KldScorer(params.sensitivity_band, imatrix, sensitivity, params.kld_arithmetic or Arithmetic.WEIGHTS)
     if params.allocator is Allocator.OPTIMIZED:
         if params.score is Score.ERROR:
             return ErrorPredictor(imatrix)

@@ -8,6 +8,8 @@ measurements are cached per model hash, importance matrix and calibration tokens
 directory, saved after every group: an interrupted run, or a second plan at another budget, goes on
 from what is there. The tokenizer and the model are loaded once, on first need: a plan whose every
 group is cached loads no model until it measures the whole plan (plan.create's additivity check).
+The activation errors of llama.cpp's arithmetic (SensitivityService.activation_errors) are cached in the
+same file, per arithmetic.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..data import wiki
 from ..errors import UserError
 from ..fileio import ensure_writable_dir, read_cache, write_json_atomic
 from ..llamacpp.quantizers import ImportanceMatrix
-from ..quant_types import LlamaType
+from ..quant_types import Arithmetic, LlamaType
 from ..rearranged import Part
 from .service import Group, SensitivityService
 from .swap import Change
@@ -91,13 +93,24 @@ class CachedSensitivity:
         model = hf.load_model(self.model_dir, self.device, self.dtype)
         return SensitivityService(model, self.tokens, self.imatrix, self.parts)
 
-    def group_klds(self, groups: list[Group], types: dict[str, LlamaType]) -> dict[str, float]:
-        """ΔKLD_g(types) for every group, from the cache where measured with the same types, else
-        measured (and cached after each group)."""
+    def _cache(self) -> tuple[Path, dict]:
+        """The cache file and its fingerprint."""
         path = cache_path(ensure_writable_dir(self.cache_dir), self.model_hash, self.imatrix_digest, self.tokens,
                           self.dtype)
         fingerprint = {"model_hash": self.model_hash, "imatrix": self.imatrix_digest, "calibration": asdict(self.spec),
                        **({} if self.dtype is torch.float32 else {"dtype": self.dtype_name})}
+        return path, fingerprint
+
+    def _write(self, path: Path, fingerprint: dict, section: str, rows: dict) -> None:
+        """Write one section of the cache file, the others as they are on disk."""
+        data = read_cache(path, fingerprint, "sensitivity")
+        data.update({"fingerprint": fingerprint, "method": __doc__.strip(), section: rows})
+        write_json_atomic(path, data)
+
+    def group_klds(self, groups: list[Group], types: dict[str, LlamaType]) -> dict[str, float]:
+        """ΔKLD_g(types) for every group, from the cache where measured with the same types, else
+        measured (and cached after each group)."""
+        path, fingerprint = self._cache()
         cached = read_cache(path, fingerprint, "sensitivity").get("groups", {})
         swapped = {g.name: {e.hf_name: types[e.hf_name].value for e in g.entries} for g in groups}
         done = {g.name: cached[g.name]["kld"] for g in groups
@@ -112,12 +125,29 @@ class CachedSensitivity:
 
         def save(kld: dict[str, float]) -> None:
             rows = {**cached, **{name: {"reference_types": swapped[name], "kld": value} for name, value in kld.items()}}
-            write_json_atomic(path, {"fingerprint": fingerprint, "method": __doc__.strip(), "groups": rows})
+            self._write(path, fingerprint, "groups", rows)
 
         kld = self.service.measure_groups(groups, types, done, on_group=save)
         log(f"sensitivity: {len(groups) - len(done)} groups/tensors measured in {time.time() - started:.0f} s")
         return kld
 
-    def kld_of(self, changes: list[Change]) -> float:
-        """The mean KLD on the calibration windows with every change at once (a whole plan)."""
-        return self.service.measure(changes).mean_kld
+    def activation_errors(self, entries: list, arithmetic: Arithmetic) -> dict[str, dict[str, float]]:
+        """hf_name -> {activation type: r} (SensitivityService.activation_errors), cached per arithmetic;
+        every name of `entries` is a key (empty where no input is rounded)."""
+        path, fingerprint = self._cache()
+        cached = read_cache(path, fingerprint, "sensitivity").get("activations", {})
+        names = [e.hf_name for e in entries]
+        if all(name in cached.get(arithmetic.value, {}) for name in names):
+            return {name: cached[arithmetic.value][name] for name in names}
+        started = time.time()
+        measured = self.service.activation_errors(entries, arithmetic)
+        rows = {name: measured.get(name, {}) for name in names}
+        log(f"activations: {arithmetic.value} rounding of {sum(map(bool, rows.values()))} matrices' inputs measured "
+            f"in {time.time() - started:.0f} s")
+        self._write(path, fingerprint, "activations", {**cached, arithmetic.value: {**cached.get(arithmetic.value, {}),
+                                                                                    **rows}})
+        return rows
+
+    def kld_of(self, changes: list[Change], arithmetic: Arithmetic = Arithmetic.WEIGHTS) -> float:
+        """The mean KLD on the calibration windows with every change at once (a whole plan), in `arithmetic`."""
+        return self.service.measure(changes, arithmetic=arithmetic).mean_kld

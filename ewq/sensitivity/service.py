@@ -6,23 +6,32 @@ the unperturbed run and replayed for the layers before the first block a measure
 which only the perturbation after them can change (Replay), so a tensor in block b runs the layers
 from b on (half of them on average). The reference logits and probabilities are kept, float32,
 for the scored rows only.
+
+llama.cpp's arithmetic (quant_types.Arithmetic): a quantized matmul in llama.cpp rounds its input to
+int8 blocks first (llamacpp.activations). `measure` can do the same to the input of every swapped
+tensor, and `activation_errors` gives, from one unperturbed pass, each tensor's relative output error
+from that rounding alone, in the units of its weights' error e_t(q).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from ..console import progress
 from ..experts import ModelTensors
+from ..llamacpp import activations
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..metrics.kld import token_kld
-from ..plan.entries import TensorEntry
-from ..quant_types import LlamaType
+from ..quant_types import Arithmetic, LlamaType, activation_type, gguf_menu
 from ..rearranged import Part
 from .swap import Change, swapped
+
+if TYPE_CHECKING:  # annotations only: ewq.plan's scores import this module
+    from ..plan.entries import TensorEntry
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
@@ -143,6 +152,19 @@ def window_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
             handle.remove()
 
 
+def _round_input(activation: LlamaType, module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the module's input as llama.cpp's matmul sees it (activations.round_trip)."""
+    return (activations.round_trip(args[0], activation), *args[1:])
+
+
+def _accumulate(sums: dict, module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook: per input column, Σ x² ("x") and Σ (round trip − x)² for each activation type."""
+    x = args[0].reshape(-1, args[0].shape[-1]).float()
+    sums["x"] += (x.double() ** 2).sum(dim=0)
+    for activation in [key for key in sums if key != "x"]:
+        sums[activation] += ((activations.round_trip(x, activation) - x).double() ** 2).sum(dim=0)
+
+
 class SensitivityService:
     """The model, its windows and its unperturbed outputs, computed once at construction; `measure`
     swaps tensors for their round trips, runs the windows, restores the model.
@@ -158,6 +180,7 @@ class SensitivityService:
         self.model, self.imatrix, self.scored = model, imatrix, scored
         self.windows = windows.to(device)
         self.tensors, self.replay = ModelTensors(model, parts), Replay(model)
+        self.linears = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self.targets = self._targets() if nll else None
         self.references: list[Reference] = []
         self.base_nll: list[float] | None = [] if nll else None
@@ -178,13 +201,76 @@ class SensitivityService:
         logprobs = torch.log_softmax(logits, dim=-1)
         return float(-logprobs.gather(1, self.targets[window][:, None]).double().mean())
 
+    def linear(self, entry: TensorEntry) -> torch.nn.Linear | None:
+        """The nn.Linear that multiplies by the entry's parameter (a tied embedding: the output projection);
+        None where none does (an embedding lookup, a stack of experts, a rearranged part)."""
+        try:
+            parameter = self.model.get_parameter(entry.hf_name)
+        except AttributeError:
+            return None
+        return self.linears.get(id(parameter))
+
+    def _activation_types(self, entry: TensorEntry, types: Iterable[LlamaType],
+                          arithmetic: Arithmetic) -> tuple[torch.nn.Linear | None, set[LlamaType]]:
+        """The entry's Linear and the activation types its inputs take for `types` (those whose blocks fit)."""
+        module = self.linear(entry)
+        if module is None:
+            return None, set()
+        rounded = {activation_type(t, arithmetic) for t in types} - {None}
+        return module, {a for a in rounded if module.in_features % activations.BLOCK.get(a, 1) == 0}
+
+    @contextmanager
+    def rounded_inputs(self, changes: list[Change], arithmetic: Arithmetic):
+        """Inside the block, the input of each changed tensor's matmul is rounded as llama.cpp rounds it
+        for the tensor's new type."""
+        handles = []
+        try:
+            for entry, llama_type in changes:
+                module, rounded = self._activation_types(entry, [llama_type], arithmetic)
+                handles += [module.register_forward_pre_hook(partial(_round_input, a)) for a in rounded]
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @torch.inference_mode()
-    def measure(self, changes: Iterable[Change], errors: dict[str, float] | None = None) -> Measurement:
-        """The windows with every (entry, type) of `changes` at once (swap.swapped); `errors` as there."""
+    def activation_errors(self, entries: list[TensorEntry], arithmetic: Arithmetic) -> dict[str, dict[str, float]]:
+        """hf_name -> {activation type: r}, r the relative error of the tensor's output when only its input
+        is rounded to that type, over the windows' unperturbed inputs: Σⱼ E[δxⱼ²] ‖wⱼ‖² / Σⱼ E[xⱼ²] ‖wⱼ‖²
+        over its input columns j (the rounding errors are independent per value, so the cross terms
+        vanish): the units of the weights' e_t(q), so that α_t turns either into ΔKLD. One pass; the
+        entries no Linear multiplies, or whose menu rounds no input, are left out."""
+        sums, handles = {}, []
+        try:
+            for entry in entries:
+                module, rounded = self._activation_types(entry, gguf_menu(entry.ncols), arithmetic)
+                if rounded:
+                    zeros = partial(torch.zeros, module.in_features, dtype=torch.float64, device=self.windows.device)
+                    sums[entry.hf_name] = (module, {"x": zeros(), **{a: zeros() for a in rounded}})
+                    handles.append(module.register_forward_pre_hook(partial(_accumulate, sums[entry.hf_name][1])))
+            for window in self.windows:
+                window_logits(self.model, window)
+        finally:
+            for handle in handles:
+                handle.remove()
+        errors = {}
+        for name, (module, sums_of) in sums.items():
+            column_energy = (module.weight.double() ** 2).sum(dim=0)  # ‖wⱼ‖², [in]
+            energy = float(sums_of["x"] @ column_energy)
+            errors[name] = {a.value: float(sums_of[a] @ column_energy) / energy if energy > 0 else 0.0
+                            for a in sums_of if a != "x"}
+        return errors
+
+    @torch.inference_mode()
+    def measure(self, changes: Iterable[Change], errors: dict[str, float] | None = None,
+                arithmetic: Arithmetic = Arithmetic.WEIGHTS) -> Measurement:
+        """The windows with every (entry, type) of `changes` at once (swap.swapped); `errors` as there;
+        with `arithmetic` CPU or CUDA the swapped tensors' inputs are rounded as llama.cpp's matmuls round them."""
         changes = list(changes)
         first = min((self.replay.first_block(entry) for entry, _ in changes), default=0)
         per_window, tokens, nll = [], [], [] if self.targets is not None else None
-        with swapped(self.tensors, changes, self.imatrix, errors):
+        rounding = nullcontext() if arithmetic is Arithmetic.WEIGHTS else self.rounded_inputs(changes, arithmetic)
+        with swapped(self.tensors, changes, self.imatrix, errors), rounding:
             for index, (window, reference) in enumerate(zip(self.windows, self.references)):
                 with self.replay.skipping(index, first):
                     logits = window_logits(self.model, window)[self.scored]

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
 
 from ..experts import ModelTensors
 from ..llamacpp.quantizers import ImportanceMatrix, round_trip, weighted_error
-from ..plan.entries import TensorEntry
 from ..quant_types import LlamaType
 
-Change = tuple[TensorEntry, LlamaType]  # a plan entry and the type its values take
+if TYPE_CHECKING:  # annotations only: ewq.plan's scores import this module
+    from ..plan.entries import TensorEntry
+
+Change = tuple["TensorEntry", LlamaType]  # a plan entry and the type its values take
 
 
 @contextmanager
