@@ -1,5 +1,7 @@
 """Batched, device-side scoring equals one sequence at a time: the HF backend on several
 architectures, the metrics' chunking, auto batch size, and llama.cpp's logits-only-where-needed."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -150,17 +152,51 @@ def test_compute_dtype_follows_the_checkpoint_on_gpu(tmp_path):
     assert hf.compute_dtype("cuda", "auto", tmp_path) is torch.float16
 
 
-def test_our_mmlu_answers_equal_lm_evaluation_harness(tmp_path):
-    """benchmarks/lm_eval_agreement.py on one question per subject (57): lm-eval's hf backend on a
-    local task with our prompt gives the same answer to every question, the same log-likelihoods."""
+def bos_adding_tiny_model(path):
+    """A tiny random Llama with SmolLM2's tokenizer made to add its BOS (<|im_start|>, id 1) to every text,
+    as Llama-3's and Gemma's do."""
+    import json
+    import shutil
+
+    from conftest import tiny_llama
+    from ewq import assets
+
+    model = tiny_llama(num_layers=2, vocab=49152)
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.config.max_position_embeddings = 2048  # lm-eval cuts contexts to it: every MMLU prompt fits
+    model.save_pretrained(path, safe_serialization=True)
+    for source in Path(assets.default_model()).glob("tokenizer*"):
+        shutil.copy(source, path / source.name)
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                                   "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                                   "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return path
+
+
+@pytest.mark.parametrize("model", ["smollm2", "bos"])
+def test_our_mmlu_answers_equal_lm_evaluation_harness_on_its_own_mmlu_tasks(tmp_path, model):
+    """benchmarks/lm_eval_agreement.py on one question per subject (57): lm-eval's hf backend on its own
+    mmlu task definitions (only the dataset local) gives the same answer to every question and the same
+    log-likelihoods, on SmolLM2 (no BOS) and on a tokenizer that adds a BOS (lm-eval leaves it to the
+    tokenizer; so do our prompts)."""
     import json
 
     from conftest import ENV, run
+    from transformers import AutoTokenizer
 
     env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = tmp_path / "agreement.json"
-    result = run("benchmarks.lm_eval_agreement", "--per-subject", "1", "--json", out, env=env)
+    extra = []
+    if model == "bos":
+        model_dir = bos_adding_tiny_model(tmp_path / "bos")
+        assert AutoTokenizer.from_pretrained(model_dir).encode("Answer:")[0] == 1
+        extra = ["--model", model_dir]
+    result = run("benchmarks.lm_eval_agreement", "--per-subject", "1", "--json", out, *extra, env=env)
     figures = json.loads(out.read_text())
     assert figures["n"] == 57 and figures["differ"] == [], result.stdout
+    assert figures["bos"] is (model == "bos")
     assert figures["max_abs_gap"] < 1e-3
-    assert "answers that differ: 0 of 57" in result.stdout
+    assert "answers that differ: 0 of 57" in result.stdout and "lm-eval's own mmlu tasks" in result.stdout

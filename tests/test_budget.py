@@ -251,3 +251,72 @@ def test_the_distortion_table_is_measured_once_per_model_and_imatrix(tiny_model_
     monkeypatch.setattr(distortion, "gguf_errors", measured_again)
     create_plan(files, PlanParams(target_bpw=5.0, score="error", **common), cache_dir=cache)
     assert calls == [stale] and "Q8_0" in json.loads(table.read_text())["gguf"][stale]
+
+
+def test_a_round_trip_in_chunks_of_rows_is_the_whole_matrix_quantized_at_once(monkeypatch):
+    """llama.cpp quantizes rows independently (with and without an importance vector): chunks of rows give
+    the very values of one call, and the per-row error sums are the whole matrix's."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((96, 512)).astype(np.float32)
+    importance = rng.uniform(0.1, 3.0, 512).astype(np.float32)
+    whole = {t: ggml_quant.round_trip(w, t, importance) for t in (T.Q4_K, T.IQ4_XS, T.Q5_0, T.Q8_0)}
+    monkeypatch.setattr(ggml_quant, "CHUNK_WEIGHTS", 7 * 512)  # 7 rows a chunk, the last one short
+    assert len(ggml_quant.row_chunks(96, 512)) == 14
+    for t, expected in whole.items():
+        assert np.array_equal(ggml_quant.round_trip(w, t, importance), expected), t
+        error, energy = ggml_quant.quantization_row_errors(w, t, importance)
+        assert error.shape == (96,)
+        assert error.sum() / energy.sum() == pytest.approx(ggml_quant.weighted_error(w, expected, importance), rel=1e-12)
+
+
+def test_a_large_tensors_errors_come_from_a_sample_of_rows_within_their_stated_error(monkeypatch):
+    """Above SAMPLE_ABOVE weights e_t(q) is estimated on seeded whole rows: fewer rows than the tensor's,
+    the same rows on every call, each estimate within 4 of its stated SEs of the exact error of the whole
+    matrix, and a tensor at or below the threshold measured exactly (no SE)."""
+    import torch
+
+    from ewq.plan import distortion
+
+    rows, cols = 2048, 256
+    rng = np.random.default_rng(11)
+    # rows of unequal scale and shape, so that the per-row errors vary as a real tensor's do
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.2, 2.0, (rows, 1))
+         * (1 + 3 * (rng.random((rows, cols)) < 0.01))).astype(np.float32)
+    entry = matrix("model.layers.0.mlp.up_proj.weight", cols, rows=rows)
+    monkeypatch.setattr(distortion, "SAMPLE_ABOVE", rows * cols - 1)
+    monkeypatch.setattr(distortion, "SAMPLE_WEIGHTS", 256 * cols)
+    picked = distortion.sampled_rows(entry)
+    assert len(picked) == 256 and np.array_equal(picked, distortion.sampled_rows(entry))
+    assert np.all(np.diff(picked) > 0)
+    estimate = distortion.gguf_errors(entry, torch.from_numpy(w), None)
+    assert (estimate.rows, estimate.of) == (256, rows) and estimate.sample["rows"] == 256
+    for t, e in estimate.errors.items():
+        exact = ggml_quant.relative_error(w, t)
+        se = estimate.relative_se[t.value] * e
+        assert se > 0 and abs(e - exact) <= 4 * se, (t, e, exact, se)
+        assert estimate.relative_se[t.value] < 0.1
+    monkeypatch.setattr(distortion, "SAMPLE_ABOVE", rows * cols)
+    whole = distortion.gguf_errors(entry, torch.from_numpy(w), None)
+    assert whole.rows is None and whole.sample is None
+    assert whole.errors[T.Q4_K] == pytest.approx(ggml_quant.relative_error(w, T.Q4_K), rel=1e-12)
+
+
+def test_the_distortion_table_records_which_tensors_were_sampled_and_gives_it_back(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from ewq import weights
+    from ewq.plan import distortion
+
+    monkeypatch.setattr(distortion, "SAMPLE_ABOVE", 128 * 64 - 1)  # the tiny model's 256 x 64 MLP matrices
+    monkeypatch.setattr(distortion, "SAMPLE_WEIGHTS", 64 * 64)
+    files = weights.open_model(str(tiny_model_dir))
+    params = PlanParams(target_bpw=5.0, score="error", keep_embeddings=False, keep_lm_head=False, allocator="optimized")
+    create_plan(files, params, cache_dir=tmp_path)
+    assert "from a seeded sample of whole rows" in capsys.readouterr().err
+    [table] = tmp_path.glob("distortion_*.json")
+    sampled = json.loads(table.read_text())["sampled"]["gguf"]
+    assert sampled and all(s["rows"] < s["of"] and max(s["relative_se"].values()) > 0 for s in sampled.values())
+    cache = distortion.DistortionCache.open(tmp_path, weights.model_hash(files), None)
+    name = next(iter(sampled))
+    entry = next(t for t in create_plan(files, params).tensors if t.hf_name == name)
+    again = cache.gguf_errors(entry, None, None)  # from the file: nothing is quantized
+    assert cache.reused == 1 and again.sample == sampled[name]

@@ -523,6 +523,9 @@ def test_kld_scores_need_a_budget_and_the_calibration_flags_need_kld(tmp_path):
     result = run("create_quantization_plan.py", "--model", tmp_path / "m", "--target-bpw", "8", "--dtype", "bfloat16",
                  "--out-dir", tmp_path / "p", check=False)
     assert_usage_error(result, "go with --score kld")
+    result = run("create_quantization_plan.py", "--model", tmp_path / "m", "--target-bpw", "8", "--device-map", "auto",
+                 "--out-dir", tmp_path / "p", check=False)
+    assert_usage_error(result, "go with --score kld")
     assert not (tmp_path / "p").exists()
 
 
@@ -709,3 +712,57 @@ def test_the_noise_stand_in_leaves_its_grid_without_keeping_its_blocks(grid):
         return float(((approx - matrix).reshape(-1, 32).abs() / step).mean())
 
     assert error_in_steps(on_grid) == 0 and 0.15 < error_in_steps(moved) < 0.35
+
+
+def test_a_measurement_under_accelerate_hooks_keeps_them_and_a_last_one_keeps_no_copy():
+    """A model spread by a device map runs its layers through accelerate's hooks (an instance forward): the
+    replay hands those layers back; a last measurement (restore False) gives the KLD of a restored one and
+    leaves the model perturbed rather than holding its tensors twice."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from ewq.quant_types import LlamaType
+    from ewq.sensitivity.service import SensitivityService
+
+    model = tiny_llama(num_layers=4)
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.2.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight"]
+    changes = [(plan_entry(model, name), LlamaType.Q4_0) for name in names]
+    plain = SensitivityService(model, tokens, None).measure(changes).mean_kld
+    for layer in model.model.layers:
+        add_hook_to_module(layer, ModelHook())
+    hooked_forward = [vars(layer)["forward"] for layer in model.model.layers]
+    service = SensitivityService(model, tokens, None)
+    assert service.measure(changes).mean_kld == pytest.approx(plain, rel=1e-6)
+    assert [vars(layer).get("forward") for layer in model.model.layers] == hooked_forward
+    before = model.get_parameter(names[0]).clone()
+    assert service.measure(changes, restore=False).mean_kld == pytest.approx(plain, rel=1e-6)
+    assert not torch.equal(before, model.get_parameter(names[0]))
+
+
+def test_a_device_map_that_offloads_beside_gpus_is_refused_in_one_line():
+    from ewq.sensitivity.cached import check_in_place
+
+    class Placed(torch.nn.Module):
+        def __init__(self, placement):
+            super().__init__()
+            self.hf_device_map = placement
+
+    for fine in ({}, {"": "cpu"}, {"model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}):
+        check_in_place(Placed(fine))
+    for offloading in ({"model.layers.0": 0, "model.layers.1": "cpu"}, {"model.layers.0": 0, "lm_head": "disk"}):
+        with pytest.raises(UserError, match="swaps tensors in place"):
+            check_in_place(Placed(offloading))
+
+
+def test_what_a_swap_keeps_to_restore_is_exact_and_as_narrow_as_the_values_allow():
+    """A bf16 checkpoint measured in float32 is restored from a bf16 copy (half the bytes), a float32 one
+    from a float32 copy; both give back the very values."""
+    from ewq.sensitivity.swap import exact_copy
+
+    on_bf16 = torch.randn(300, 64).to(torch.bfloat16).float()
+    on_fp16 = (torch.randn(300, 64) * 1e-3).to(torch.float16).float()
+    full = torch.randn(300, 64)
+    for values, kept in ((on_bf16, torch.bfloat16), (on_fp16, torch.float16), (full, torch.float32)):
+        copy = exact_copy(values)
+        assert copy.dtype is kept and torch.equal(copy.float(), values)
+    assert exact_copy(on_bf16.to(torch.bfloat16)).dtype is torch.bfloat16

@@ -123,6 +123,9 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed of the MMLU sample and exemplars")
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
+
+
 def add_hf_engine_args(parser: argparse.ArgumentParser) -> None:
     """How the Hugging Face benchmarks run the model: batch size, compute dtype, device map."""
     from ..backends.hf import DTYPES
@@ -134,7 +137,7 @@ def add_hf_engine_args(parser: argparse.ArgumentParser) -> None:
                             "(timed generation is always batch 1)")
     group.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                        help="compute dtype; auto: the checkpoint's dtype on GPU, float32 on CPU")
-    group.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+    group.add_argument("--device-map", choices=DEVICE_MAPS,
                        help="spread the model with accelerate over the GPUs, then CPU memory (none: one device)")
 
 

@@ -18,7 +18,7 @@ from ..plan.create import create_plan
 from ..plan.files import plan_path, script_path, types_path, write_plan
 from ..plan.entries import Allocator, Granularity, Plan, PlanParams, Score, plan_hash
 from ..fileio import check_writable_dir, file_digest
-from .common import (DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
+from .common import (DEVICE_MAPS, DEVICES, PLANS_DIR, Parser, add_dry_run_arg, add_model_arg, dry_run, non_negative_float, non_negative_int,
                      positive_float, positive_int)
 
 DESCRIPTION = """Compute per-tensor / per-block weight entropy and write an EWQ quantization plan.
@@ -90,6 +90,10 @@ def parse_args(argv):
                      help="measure each tensor kind over bands of N layers at once (N times fewer measurements, "
                           "one sensitivity per band); 1 = every tensor alone (default)")
     kld.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs for the measurement")
+    kld.add_argument("--device-map", choices=DEVICE_MAPS,
+                     help="spread the measured model over several GPUs with accelerate's strategy (every layer on a "
+                          "GPU, or all on CPU: tensors are swapped in place, so none may be offloaded); none: all on "
+                          "--device")
     kld.add_argument("--dtype", choices=["auto", *hf.DTYPES], help="the measurement's compute dtype (auto: float32 on "
                      "CPU, the checkpoint's on a GPU); the output projection, the log-softmax and the KLD run in "
                      "float32 whatever it is")
@@ -113,9 +117,9 @@ def parse_args(argv):
     if args.score == Score.PR15550.value and not predicting:
         parser.error("--score pr15550 predicts every type's cost: it goes with a size budget and the optimized allocator")
     if (args.calibration_windows or args.calibration_context or args.sensitivity_band or args.dtype
-            or args.kld_arithmetic) and args.score != Score.KLD.value:
+            or args.kld_arithmetic or args.device_map) and args.score != Score.KLD.value:
         parser.error("--calibration-windows / --calibration-context / --sensitivity-band / --dtype / --kld-arithmetic "
-                     "go with --score kld")
+                     "/ --device-map go with --score kld")
     return args
 
 
@@ -144,7 +148,8 @@ def main(argv=None):
                 else f"entropy thresholds K={params.entropy_factor}, J={params.fp16_factor} at {params.granularity.value} level")
         if score is Score.KLD:
             per = f"per band of {params.sensitivity_band} layers" if params.sensitivity_band else "per tensor"
-            rule += (f" (sensitivity measured {per} on {device} in {params.measure_dtype or 'float32'}, "
+            where = f"{device}, device map {args.device_map}" if args.device_map else device
+            rule += (f" (sensitivity measured {per} on {where} in {params.measure_dtype or 'float32'}, "
                      f"{params.calibration_windows} x "
                      f"{params.calibration_context} calibration tokens, cached in {args.out_dir})")
         return dry_run([f"read the {len(weights.list_tensors(files))} tensors of {files.root} one at a time "
@@ -152,7 +157,8 @@ def main(argv=None):
                         f"decide by {rule}",
                         f"write {types_path(args.out_dir, hash_)}, {script_path(args.out_dir, hash_)} (llama-quantize "
                         f"--tensor-type-file) and {plan_path(args.out_dir, hash_)}"])
-    plan = create_plan(files, params, imatrix, cache_dir=args.out_dir, device=device, model_id=args.model)
+    plan = create_plan(files, params, imatrix, cache_dir=args.out_dir, device=device, model_id=args.model,
+                       device_map=args.device_map)
     json_path, script = write_plan(plan, args.out_dir)
     log_plan(plan)
     print(json_path)

@@ -74,39 +74,80 @@ def _slice(imatrix: np.ndarray | None, index: int, cols: int) -> np.ndarray | No
     return imatrix.reshape(-1, cols)[index]
 
 
+CHUNK_WEIGHTS = 1 << 20  # weights per quantized chunk of rows: what a round trip holds beside its input
+
+
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    """Slices of whole rows of about CHUNK_WEIGHTS weights each (at least one row)."""
+    step = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def round_trip(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """What llama.cpp's kernels see after quantizing `matrix` to `llama_type`, as float32. A stack of
     experts [experts, rows, cols] (or of heads) is quantized slice by slice, each with its own
-    importance row, as llama-quantize does."""
+    importance row, as llama-quantize does. Rows are quantized independently (ggml_quantize_chunk works
+    row by row, the importance per column), so a matrix goes through in chunks of rows (row_chunks):
+    the same values, and beside the input and output only one chunk's blocks and dequantization."""
     if matrix.ndim == 3:
         return np.stack([round_trip(m, llama_type, _slice(imatrix, e, matrix.shape[2])) for e, m in enumerate(matrix)])
     if llama_type is LlamaType.F32:
         return np.asarray(matrix, dtype=np.float32)
     if llama_type is LlamaType.F16:
         return np.asarray(matrix, dtype=np.float16).astype(np.float32)
-    blocks = quantize(matrix, llama_type, imatrix)
-    return quants.dequantize(blocks, llama_type.ggml).reshape(matrix.shape).astype(np.float32)
+    out = np.empty(matrix.shape, dtype=np.float32)
+    for rows in row_chunks(*matrix.shape):
+        blocks = quantize(matrix[rows], llama_type, imatrix)
+        out[rows] = quants.dequantize(blocks, llama_type.ggml).reshape(out[rows].shape)
+    return out
 
 
 def relative_error(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> float:
     """The relative error (see weighted_error) of `matrix` quantized to `llama_type`."""
+    error, energy = quantization_row_errors(matrix, llama_type, imatrix)
+    total = float(energy.sum())
+    return float(error.sum()) / total if total > 0 else 0.0
+
+
+def quantization_row_errors(matrix: np.ndarray, llama_type: LlamaType,
+                            imatrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """row_errors(matrix, round_trip(matrix, llama_type, imatrix), imatrix), one chunk of rows at a time
+    (the round trip of the whole matrix is never held)."""
+    if matrix.ndim == 3:
+        sums = [quantization_row_errors(m, llama_type, _slice(imatrix, e, matrix.shape[2]))
+                for e, m in enumerate(matrix)]
+        return np.stack([num for num, _ in sums]), np.stack([den for _, den in sums])
+    error, energy = np.empty(matrix.shape[0]), np.empty(matrix.shape[0])
+    for rows in row_chunks(*matrix.shape):
+        chunk = np.asarray(matrix[rows], dtype=np.float32)
+        error[rows], energy[rows] = row_errors(chunk, round_trip(chunk, llama_type, imatrix), imatrix)
+    return error, energy
+
+
+def row_errors(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Σⱼ aⱼ (wᵢⱼ−qᵢⱼ)², Σⱼ aⱼ wᵢⱼ²) per row i, float64 [rows] ([experts, rows] over a stack, each
+    expert its own a), a the importance (1 if none); in chunks of rows, so that the float64 work
+    stays one chunk whatever the size."""
     matrix = np.asarray(matrix, dtype=np.float32)
-    return weighted_error(matrix, round_trip(matrix, llama_type, imatrix), imatrix)
+    if matrix.ndim == 3:
+        sums = [row_errors(m, q, _slice(imatrix, e, matrix.shape[2])) for e, (m, q) in enumerate(zip(matrix, approx))]
+        return np.stack([num for num, _ in sums]), np.stack([den for _, den in sums])
+    column_weight = np.ones(matrix.shape[1]) if imatrix is None else np.asarray(imatrix, dtype=np.float64).reshape(-1)
+    error, energy = np.empty(matrix.shape[0]), np.empty(matrix.shape[0])
+    for rows in row_chunks(*matrix.shape):
+        m = matrix[rows].astype(np.float64)
+        error[rows] = ((m - approx[rows]) ** 2) @ column_weight
+        energy[rows] = (m ** 2) @ column_weight
+    return error, energy
 
 
 def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | None = None) -> float:
     """sum_j a_j sum_i (w_ij - q_ij)^2 / sum_j a_j sum_i w_ij^2, with a = importance (1 if none):
     the expected relative squared error of the layer's output for inputs of that energy. Over a
     stack of experts [experts, rows, cols], the sums run over every expert (each its own a)."""
-    matrix = np.asarray(matrix, dtype=np.float32)
-    parts = [(matrix, approx, imatrix)] if matrix.ndim == 2 else \
-        [(m, q, _slice(imatrix, e, matrix.shape[2])) for e, (m, q) in enumerate(zip(matrix, approx))]
-    error = energy = 0.0
-    for m, q, importance in parts:
-        column_weight = np.ones(m.shape[1]) if importance is None else np.asarray(importance, dtype=np.float64)
-        error += float(((m - q).astype(np.float64) ** 2).sum(axis=0) @ column_weight)
-        energy += float((m.astype(np.float64) ** 2).sum(axis=0) @ column_weight)
-    return error / energy if energy > 0 else 0.0
+    error, energy = row_errors(matrix, approx, imatrix)
+    total = float(energy.sum())
+    return float(error.sum()) / total if total > 0 else 0.0
 
 
 class ImportanceMatrix:

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -189,9 +190,11 @@ def read_entries(files: weights.ModelFiles, params: PlanParams, named: ModelName
 
 
 def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: ImportanceMatrix | None = None,
-                cache_dir: Path | None = None, device: str = "cpu", model_id: str | None = None) -> Plan:
+                cache_dir: Path | None = None, device: str = "cpu", model_id: str | None = None,
+                device_map: str | None = None) -> Plan:
     """The plan of `model` (a directory or hub id, or its files already opened; `model_id` is what the
-    plan records, default the name given); the kld score measures on `device`; measurements (sensitivity, the
+    plan records, default the name given); the kld score measures on `device`, or spread by accelerate's
+    `device_map` strategy (hf.load_model); measurements (sensitivity, the
     distortion table) are cached in `cache_dir` (none without it), written once the plan is decided."""
     files = model if isinstance(model, weights.ModelFiles) else weights.open_model(model)
     model_id = model_id or (model if isinstance(model, str) else str(files.root))
@@ -205,11 +208,15 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
         sensitivity = CachedSensitivity(files.root, model_hash,
                                         CalibrationSpec(params.calibration_windows, params.calibration_context),
                                         device, Path(cache_dir or "."), imatrix, imatrix_digest,
-                                        rearranged.by_name(named.parts), getattr(torch, params.measure_dtype or "float32"))
+                                        rearranged.by_name(named.parts), getattr(torch, params.measure_dtype or "float32"),
+                                        device_map)
     scorer = scorer_for(params, imatrix, sensitivity)
     if isinstance(scorer, PredictingScorer) and cache_dir is not None:
         scorer.distortions = DistortionCache.open(Path(cache_dir), model_hash, imatrix_digest)
+    started = time.perf_counter()
     tensors = read_entries(files, params, named, scorer.observe)
+    log(f"read: {len(tensors)} tensors in {time.perf_counter() - started:.0f} s (statistics and entropy"
+        + (", every type's error)" if isinstance(scorer, PredictingScorer) else ")"))
     scores = scorer.scores([t for t in tensors if not t.is_kept])
     decision = budget.decide(tensors, params, scores) if params.is_budget else \
         threshold.decide(tensors, params, scores.rank)
@@ -217,7 +224,7 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
         gguf = decision.budget.gguf
         arithmetic = params.kld_arithmetic or Arithmetic.WEIGHTS
         gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None],
-                                                           arithmetic)
+                                                           arithmetic, last=True)
         inputs = "" if arithmetic is Arithmetic.WEIGHTS else f", inputs rounded as llama.cpp's {arithmetic.value} matmuls do"
         log(f"additivity on the calibration windows: predicted KLD {gguf.predicted_kld:.3g} (sum over tensors), "
             f"measured {gguf.measured_kld_calibration:.3g} (all tensors at once{inputs})")

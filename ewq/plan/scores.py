@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..console import log
 from ..errors import UserError
 from ..llamacpp.quantizers import ImportanceMatrix, relative_error
 from ..quant_types import Arithmetic, LlamaType, Precision, activation_type, rank_ladder, reference_type
@@ -102,14 +103,16 @@ class PredictingScorer(Scorer):
         self.imatrix = imatrix
         self.gguf_errors: dict[str, dict[LlamaType, float]] = {}
         self.bnb_errors: dict[str, dict[Precision, float]] = {}
+        self.estimates: dict[str, distortion.Estimate] = {}  # of the llama.cpp menus: which were sampled
 
     def observe(self, entry: TensorEntry, values: torch.Tensor) -> None:
         if not entry.is_kept:
-            matrix = values.float()
             source = distortion if self.distortions is None else self.distortions
-            self.gguf_errors[entry.hf_name] = source.gguf_errors(entry, matrix.numpy(), self.imatrix)
+            estimate = source.gguf_errors(entry, values, self.imatrix)
+            self.gguf_errors[entry.hf_name] = estimate.errors
+            self.estimates[entry.hf_name] = estimate
             if entry.is_bnb_linear:
-                self.bnb_errors[entry.hf_name] = source.bnb_errors(entry, matrix, self.imatrix)
+                self.bnb_errors[entry.hf_name] = source.bnb_errors(entry, values, self.imatrix).errors
 
     @abstractmethod
     def alpha(self, ranked: list[TensorEntry], reference: dict[str, LlamaType],
@@ -122,6 +125,9 @@ class PredictingScorer(Scorer):
         return {}
 
     def scores(self, ranked: list[TensorEntry]) -> Scores:
+        summary = distortion.sampling_summary(self.estimates)
+        if summary:
+            log(summary)
         reference = {t.hf_name: reference_type(t.ncols) for t in ranked}
         floor_error = {t.hf_name: self.gguf_errors[t.hf_name][reference[t.hf_name]] for t in ranked}
         alpha = self.alpha(ranked, reference, floor_error)

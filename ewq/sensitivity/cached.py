@@ -61,6 +61,18 @@ def cache_path(cache_dir: Path, model_hash: str, imatrix_digest: str | None, tok
     return Path(cache_dir) / f"{CACHE_PREFIX}{model_hash}_{key}.json"
 
 
+def check_in_place(model: torch.nn.Module) -> None:
+    """A UserError if accelerate offloaded part of the model (to CPU beside GPUs, or to disk): an offloaded
+    layer's parameters are placeholders that its hooks fill for each forward pass, so a tensor swapped
+    there would not be the one that runs."""
+    placed = {str(where) for where in (getattr(model, "hf_device_map", None) or {}).values()}
+    offloaded = placed & {"cpu", "disk"}
+    if offloaded and placed - {"cpu"}:
+        raise UserError(f"the device map puts part of the model on {' and '.join(sorted(offloaded))} beside GPUs: the "
+                        "kld measurement swaps tensors in place, so every layer must sit on a GPU (more GPUs, "
+                        "--dtype bfloat16) or all on --device cpu")
+
+
 @dataclass
 class CachedSensitivity:
     """Where and how the kld score measures one model: its directory, hash and rearranged parts, the
@@ -74,6 +86,7 @@ class CachedSensitivity:
     imatrix_digest: str | None = None
     parts: dict[str, Part] | None = None
     dtype: torch.dtype = torch.float32  # the decoder's; the output projection runs in float32 (service.py)
+    device_map: str | None = None  # accelerate's strategy over several GPUs (hf.load_model); None: all on `device`
 
     @property
     def dtype_name(self) -> str:
@@ -90,7 +103,8 @@ class CachedSensitivity:
         """The model, loaded once, and its unperturbed outputs on the calibration windows."""
         from ..backends import hf
 
-        model = hf.load_model(self.model_dir, self.device, self.dtype)
+        model = hf.load_model(self.model_dir, self.device, self.dtype, self.device_map)
+        check_in_place(model)
         return SensitivityService(model, self.tokens, self.imatrix, self.parts)
 
     def _cache(self) -> tuple[Path, dict]:
@@ -138,6 +152,7 @@ class CachedSensitivity:
         cached = read_cache(path, fingerprint, "sensitivity").get("activations", {})
         names = [e.hf_name for e in entries]
         if all(name in cached.get(arithmetic.value, {}) for name in names):
+            log(f"activations: {arithmetic.value} rounding of {len(names)} matrices' inputs from {path}")
             return {name: cached[arithmetic.value][name] for name in names}
         started = time.time()
         measured = self.service.activation_errors(entries, arithmetic)
@@ -148,6 +163,11 @@ class CachedSensitivity:
                                                                                     **rows}})
         return rows
 
-    def kld_of(self, changes: list[Change], arithmetic: Arithmetic = Arithmetic.WEIGHTS) -> float:
-        """The mean KLD on the calibration windows with every change at once (a whole plan), in `arithmetic`."""
-        return self.service.measure(changes, arithmetic=arithmetic).mean_kld
+    def kld_of(self, changes: list[Change], arithmetic: Arithmetic = Arithmetic.WEIGHTS, last: bool = False) -> float:
+        """The mean KLD on the calibration windows with every change at once (a whole plan), in `arithmetic`.
+        `last`: the model's last use here; it is measured without keeping its tensors to restore (no second
+        copy of the model on the host) and let go afterwards (a later measurement loads it again)."""
+        kld = self.service.measure(changes, arithmetic=arithmetic, restore=not last).mean_kld
+        if last:
+            del self.service  # the cached_property's value: the model and its references are freed
+        return kld

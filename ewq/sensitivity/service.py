@@ -75,13 +75,19 @@ class Replay:
 
     @contextmanager
     def skipping(self, window: int, first: int):
+        """Layers 0..first-1 return their recorded output; afterwards each has its forward back (an instance's
+        own, as accelerate's device-map hooks install, or the class's)."""
+        own = {index: self.layers[index].__dict__.get("forward") for index in range(first)}
         for index in range(first):
             self.layers[index].forward = lambda *args, _out=self.outputs[window][index], **kwargs: _out
         try:
             yield
         finally:
-            for index in range(first):
-                del self.layers[index].forward
+            for index, forward in own.items():
+                if forward is None:
+                    del self.layers[index].forward
+                else:
+                    self.layers[index].forward = forward
 
 
 @dataclass(frozen=True)
@@ -245,7 +251,7 @@ class SensitivityService:
             for entry in entries:
                 module, rounded = self._activation_types(entry, gguf_menu(entry.ncols), arithmetic)
                 if rounded:
-                    zeros = partial(torch.zeros, module.in_features, dtype=torch.float64, device=self.windows.device)
+                    zeros = partial(torch.zeros, module.in_features, dtype=torch.float64, device=module.weight.device)
                     sums[entry.hf_name] = (module, {"x": zeros(), **{a: zeros() for a in rounded}})
                     handles.append(module.register_forward_pre_hook(partial(_accumulate, sums[entry.hf_name][1])))
             for window in self.windows:
@@ -263,14 +269,15 @@ class SensitivityService:
 
     @torch.inference_mode()
     def measure(self, changes: Iterable[Change], errors: dict[str, float] | None = None,
-                arithmetic: Arithmetic = Arithmetic.WEIGHTS) -> Measurement:
-        """The windows with every (entry, type) of `changes` at once (swap.swapped); `errors` as there;
-        with `arithmetic` CPU or CUDA the swapped tensors' inputs are rounded as llama.cpp's matmuls round them."""
+                arithmetic: Arithmetic = Arithmetic.WEIGHTS, restore: bool = True) -> Measurement:
+        """The windows with every (entry, type) of `changes` at once (swap.swapped); `errors` and `restore`
+        as there (without restore the service is spent: its model stays perturbed); with `arithmetic` CPU
+        or CUDA the swapped tensors' inputs are rounded as llama.cpp's matmuls round them."""
         changes = list(changes)
         first = min((self.replay.first_block(entry) for entry, _ in changes), default=0)
         per_window, tokens, nll = [], [], [] if self.targets is not None else None
         rounding = nullcontext() if arithmetic is Arithmetic.WEIGHTS else self.rounded_inputs(changes, arithmetic)
-        with swapped(self.tensors, changes, self.imatrix, errors), rounding:
+        with swapped(self.tensors, changes, self.imatrix, errors, restore), rounding:
             for index, (window, reference) in enumerate(zip(self.windows, self.references)):
                 with self.replay.skipping(index, first):
                     logits = window_logits(self.model, window)[self.scored]

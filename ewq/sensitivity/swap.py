@@ -1,4 +1,10 @@
-"""Tensors of a loaded model swapped for their llama.cpp round trips, and restored afterwards."""
+"""Tensors of a loaded model swapped for their llama.cpp round trips, and restored afterwards.
+
+Host memory: a plain matrix (its own parameter) is round-tripped in place, one chunk of rows at a time
+(llama.cpp quantizes rows independently, so this is the whole matrix's round trip), and what is kept to
+restore it is a copy in the narrowest float dtype that holds its values exactly (bf16 for a bf16
+checkpoint measured in float32): about half a tensor per swapped tensor, never the model twice.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,7 +14,7 @@ import numpy as np
 import torch
 
 from ..experts import ModelTensors
-from ..llamacpp.quantizers import ImportanceMatrix, round_trip, weighted_error
+from ..llamacpp.quantizers import ImportanceMatrix, round_trip, row_chunks, row_errors, weighted_error
 from ..quant_types import LlamaType
 
 if TYPE_CHECKING:  # annotations only: ewq.plan's scores import this module
@@ -17,24 +23,63 @@ if TYPE_CHECKING:  # annotations only: ewq.plan's scores import this module
 Change = tuple["TensorEntry", LlamaType]  # a plan entry and the type its values take
 
 
+def exact_copy(values: torch.Tensor) -> torch.Tensor:
+    """A copy of `values` in bfloat16 or float16 where that holds every value exactly, else in its own dtype."""
+    flat = values.reshape(-1)
+    for narrow in (torch.bfloat16, torch.float16):
+        if values.dtype.itemsize <= narrow.itemsize:
+            break
+        copy = flat.to(narrow)
+        step = 1 << 20
+        if all(torch.equal(copy[i:i + step].to(values.dtype), flat[i:i + step]) for i in range(0, flat.numel(), step)):
+            return copy.reshape(values.shape)
+        del copy
+    return values.clone()
+
+
+def round_trip_in_place(matrix: torch.Tensor, llama_type: LlamaType, importance: np.ndarray | None) -> float:
+    """Replace a [rows, cols] parameter's values by their round trip, a chunk of rows at a time (on its own
+    device, in its own dtype); returns their relative error (quantizers.weighted_error)."""
+    error = energy = 0.0
+    for rows in row_chunks(*matrix.shape):
+        original = matrix[rows].float().cpu().numpy()
+        approx = round_trip(original, llama_type, importance)
+        chunk_error, chunk_energy = row_errors(original, approx, importance)
+        error, energy = error + float(chunk_error.sum()), energy + float(chunk_energy.sum())
+        matrix[rows] = torch.from_numpy(approx).to(device=matrix.device, dtype=matrix.dtype)
+    return error / energy if energy > 0 else 0.0
+
+
 @contextmanager
 def swapped(tensors: ModelTensors, changes: Iterable[Change], imatrix: ImportanceMatrix | None,
-            errors: dict[str, float] | None = None):
+            errors: dict[str, float] | None = None, restore: bool = True):
     """Inside the block, each entry's values in the model (a stack: every expert's; a part: its
     elements in its source) are their round trip through their type, quantized by llama.cpp's own
     code with the entry's importance rows; afterwards the model is as it was. `errors`, if given,
-    receives each entry's relative error there (the first time it is seen)."""
+    receives each entry's relative error there (the first time it is seen). With `restore` False
+    nothing is kept to restore (a whole plan swapped at once would keep a copy of the model):
+    the model stays perturbed, for a caller's last use of it."""
     saved = []
     try:
         for entry, llama_type in changes:
-            values = tensors.values(entry)
-            saved.append((entry, values))
-            original = values.float().cpu().numpy()
             importance = imatrix.for_tensor(entry.gguf_name) if imatrix else None
-            approx = round_trip(original, llama_type, importance)
+            own = not entry.source and not entry.experts and len(entry.shape) == 2
+            if own:  # its own parameter: in place
+                matrix = tensors.view(entry.hf_name, tuple(entry.shape))
+                if restore:
+                    saved.append((entry, exact_copy(matrix)))
+                error = round_trip_in_place(matrix, llama_type, importance)
+            else:  # a stack of experts or a part: through a copy of its values
+                values = tensors.values(entry)
+                if restore:
+                    saved.append((entry, values))
+                original = values.float().cpu().numpy()
+                approx = round_trip(original, llama_type, importance)
+                error = weighted_error(original, approx, importance)
+                del values, original
+                tensors.assign(entry, torch.from_numpy(np.ascontiguousarray(approx)))
             if errors is not None and entry.hf_name not in errors:
-                errors[entry.hf_name] = weighted_error(original, approx, importance)
-            tensors.assign(entry, torch.from_numpy(np.ascontiguousarray(approx)))
+                errors[entry.hf_name] = error
         yield
     finally:
         for entry, values in reversed(saved):
