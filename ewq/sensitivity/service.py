@@ -24,7 +24,7 @@ import torch
 from ..console import progress
 from ..experts import ModelTensors
 from ..llamacpp import activations
-from ..llamacpp.quantizers import ImportanceMatrix
+from ..llamacpp.quantizers import ImportanceMatrix, row_chunks
 from ..metrics.kld import token_kld
 from ..quant_types import Arithmetic, LlamaType, activation_type, gguf_menu
 from ..rearranged import Part
@@ -116,13 +116,9 @@ def groups_for(entries: list[TensorEntry], band: int | None) -> list[Group]:
 
 @dataclass(frozen=True)
 class Reference:
-    """The unperturbed model's output on one window's scored rows: logits and probabilities, float32."""
-    logits: torch.Tensor  # [rows, vocab]
-    probs: torch.Tensor
-
-    @classmethod
-    def of(cls, logits: torch.Tensor) -> "Reference":
-        return cls(logits, torch.softmax(logits, dim=-1))
+    """The unperturbed model's output on one window's scored rows: logits, float32 [rows, vocab]; their
+    softmax is taken a few rows at a time when compared (metrics.kld.token_kld), not held beside them."""
+    logits: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -193,7 +189,7 @@ class SensitivityService:
         for index, window in enumerate(self.windows):
             with self.replay.recording():
                 logits = window_logits(model, window)[scored]
-            self.references.append(Reference.of(logits))
+            self.references.append(Reference(logits))
             if nll:
                 self.base_nll.append(self._nll(logits, index))
 
@@ -261,7 +257,8 @@ class SensitivityService:
                 handle.remove()
         errors = {}
         for name, (module, sums_of) in sums.items():
-            column_energy = (module.weight.double() ** 2).sum(dim=0)  # ‖wⱼ‖², [in]
+            weight = module.weight.detach()  # ‖wⱼ‖², [in], summed a chunk of rows at a time (a head is large)
+            column_energy = sum((weight[rows].double() ** 2).sum(dim=0) for rows in row_chunks(*weight.shape))
             energy = float(sums_of["x"] @ column_energy)
             errors[name] = {a.value: float(sums_of[a] @ column_energy) / energy if energy > 0 else 0.0
                             for a in sums_of if a != "x"}
@@ -281,7 +278,7 @@ class SensitivityService:
             for index, (window, reference) in enumerate(zip(self.windows, self.references)):
                 with self.replay.skipping(index, first):
                     logits = window_logits(self.model, window)[self.scored]
-                kl = token_kld(reference.logits, logits, reference.probs)
+                kl = token_kld(reference.logits, logits)
                 per_window.append(float(kl.sum()) / kl.shape[0])
                 tokens.append(kl)
                 if nll is not None:
