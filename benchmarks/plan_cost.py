@@ -260,7 +260,7 @@ def cost_model(first: "Run", weights_1b: int) -> str:
              f"a Q4_K round trip {round_trip_rate * 1e9:.1f} s per 1e9 weights on one thread; assumed: "
              f"{ASSUMED['host_cores']} host cores, disk {ASSUMED['disk_gb_s']:.0f} GB/s, a GPU of "
              f"{ASSUMED['gpu_tflops']:.0f} bf16 TFLOP/s at {ASSUMED['gpu_efficiency']:.0%} (H100 class), 2 x 512 "
-             "calibration tokens, the model in bf16 on the GPU(s), round trips on one host thread as today"]
+             "calibration tokens, the model in bf16 on the GPU(s), round trips on every host core"]
     for name, shape in TARGETS.items():
         config = llama_config(shape["layers"], shape["hidden"], shape["intermediate"], shape["vocab"])
         config["num_key_value_heads"] = shape["kv_heads"]
@@ -268,7 +268,7 @@ def cost_model(first: "Run", weights_1b: int) -> str:
         read = read_rate * distortion_weights(config) * cores / ASSUMED["host_cores"]
         groups = 7 * -(-shape["layers"] // 8) + 2
         # every planned weight is round-tripped once at its reference type and once in the whole plan
-        host = 2 * n * round_trip_rate
+        host = 2 * n * round_trip_rate / ASSUMED["host_cores"]
         # a group runs the layers from its first block on (half the model on average), 1024 tokens, 2 FLOP/weight
         forward = groups * 0.5 * 2 * n * 1024 / (ASSUMED["gpu_tflops"] * 1e12 * ASSUMED["gpu_efficiency"])
         load = 2 * n / (ASSUMED["disk_gb_s"] * 1e9)
