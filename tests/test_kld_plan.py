@@ -467,17 +467,46 @@ def test_a_kld_plan_loads_the_model_and_tokenizer_once_for_its_measurements_and_
             return real(*args, **kwargs)
         return load
 
+    from ewq.sensitivity import service
+
     monkeypatch.setattr(hf, "load_model", counted("model", real_model))
     monkeypatch.setattr(hf, "load_tokenizer", counted("tokenizer", real_tokenizer))
+    passes = []
+    real_logits = service.window_logits
+    monkeypatch.setattr(service, "window_logits", lambda model, ids: passes.append(1) or real_logits(model, ids))
     params = PlanParams(target_bytes=2_200_000, score=Score.KLD, keep_embeddings=False, keep_lm_head=False,
-                        calibration_windows=1, calibration_context=32)
+                        calibration_windows=2, calibration_context=32)
     plan = create_plan(str(model_dir), params, cache_dir=tmp_path / "plans")
     assert loads == {"model": 1, "tokenizer": 1}
     assert plan.budget.gguf.measured_kld_calibration > 0 and plan.budget.gguf.predicted_kld > 0
+    first_passes, passes[:] = len(passes), []
+    assert len(list((tmp_path / "plans").glob("kld_reference_*.safetensors"))) == 1
     again = create_plan(str(model_dir), params, cache_dir=tmp_path / "plans")  # every sensitivity cached
     assert loads == {"model": 2, "tokenizer": 2}
+    assert len(passes) == 2 < first_passes  # the whole plan on 2 windows; the unperturbed logits from the file
     assert [t.llama_type for t in again.tensors] == [t.llama_type for t in plan.tensors]
-    assert again.budget.gguf.measured_kld_calibration == pytest.approx(plan.budget.gguf.measured_kld_calibration)
+    assert again.budget.gguf.measured_kld_calibration == pytest.approx(plan.budget.gguf.measured_kld_calibration,
+                                                                       rel=1e-9)
+
+
+def test_the_reference_logits_come_back_only_for_their_own_model_tokens_dtype_and_device(tmp_path):
+    from ewq.sensitivity.cached import CalibrationSpec, load_references, references_file, save_references
+    from ewq.sensitivity.service import Reference
+
+    spec, tokens = CalibrationSpec(2, 3), torch.arange(6).reshape(2, 3)
+    path, fingerprint = references_file(tmp_path, "abc", spec, tokens, "float32", "cpu")
+    references = [Reference(torch.randn(3, 10)) for _ in range(2)]
+    save_references(path, references, fingerprint)
+    back = load_references(path, fingerprint, 2, 3)
+    assert back is not None and all(torch.equal(a.logits, b.logits) for a, b in zip(references, back))
+    for other in [references_file(tmp_path, "abd", spec, tokens, "float32", "cpu"),  # another model,
+                  references_file(tmp_path, "abc", spec, tokens + 1, "float32", "cpu"),  # other tokens,
+                  references_file(tmp_path, "abc", spec, tokens, "bfloat16", "cpu"),  # dtype,
+                  references_file(tmp_path, "abc", spec, tokens, "float32", "cuda")]:  # device kind
+        assert other[0] != path and load_references(path, other[1], 2, 3) is None
+    assert load_references(path, fingerprint, 2, 4) is None  # other rows
+    path.write_bytes(path.read_bytes()[:40])  # cut short: measured again
+    assert load_references(path, fingerprint, 2, 3) is None
 
 
 def test_a_kld_plan_of_another_architecture_measured_in_bands_is_the_file(tmp_path):
@@ -737,6 +766,31 @@ def test_a_measurement_under_accelerate_hooks_keeps_them_and_a_last_one_keeps_no
     before = model.get_parameter(names[0]).clone()
     assert service.measure(changes, restore=False).mean_kld == pytest.approx(plain, rel=1e-6)
     assert not torch.equal(before, model.get_parameter(names[0]))
+
+
+def test_a_model_for_one_gpu_is_loaded_straight_onto_it_and_one_for_the_cpu_on_the_host(monkeypatch):
+    """transformers places each tensor on the device it is given as device_map: no whole copy in host RAM first
+    (before: loaded on the host, then .to(device))."""
+    from transformers import AutoModelForCausalLM
+
+    from ewq.backends import hf
+
+    asked = []
+
+    class Loaded(torch.nn.Module):
+        def to(self, device):
+            asked.append(("to", device))
+            return self
+
+    def from_pretrained(model_dir, dtype, device_map):
+        asked.append(("device_map", device_map))
+        return Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    hf.load_model("m", "cuda:1", torch.bfloat16)
+    hf.load_model("m", "cuda", torch.bfloat16, device_map="auto")
+    hf.load_model("m", "cpu", torch.float32)
+    assert asked == [("device_map", "cuda:1"), ("device_map", "auto"), ("device_map", None), ("to", "cpu")]
 
 
 def test_a_device_map_that_offloads_beside_gpus_is_refused_in_one_line():

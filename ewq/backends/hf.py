@@ -59,14 +59,17 @@ def compute_dtype(device: str, requested: str = "auto", model_dir=None) -> torch
 
 
 def load_model(model_dir, device: str, dtype: torch.dtype, device_map: str | None = None):
-    """The model in `dtype`, on `device`, or spread by accelerate with `device_map` (auto, balanced, …)."""
+    """The model in `dtype`, on `device`, or spread by accelerate with `device_map` (auto, balanced, …). On a GPU
+    the checkpoint's tensors go straight to it (transformers' device_map=device): an 8B model never sits in host
+    RAM whole on its way there."""
     from transformers import AutoModelForCausalLM
 
+    direct = device_map or (None if torch.device(device).type == "cpu" else device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=direct)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load {model_dir} as a causal LM: {str(error).splitlines()[0]}") from None
-    return (model if device_map else model.to(device)).eval()
+    return (model if direct else model.to(device)).eval()
 
 
 def load_tokenizer(model_dir):

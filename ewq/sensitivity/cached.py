@@ -9,14 +9,17 @@ directory, saved after every group: an interrupted run, or a second plan at anot
 from what is there. The tokenizer and the model are loaded once, on first need: a plan whose every
 group is cached loads no model until it measures the whole plan (plan.create's additivity check).
 The activation errors of llama.cpp's arithmetic (SensitivityService.activation_errors) are cached in the
-same file, per arithmetic.
+same file, per arithmetic. The unperturbed model's logits on the windows (the reference every KLD is
+taken against, as llama-perplexity's --kl-divergence-base file holds them) are saved beside it, per
+model, calibration tokens, compute dtype and device kind, exact float32 [windows, context, vocab]:
+such a plan measures only the perturbed model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -26,14 +29,15 @@ from .. import assets
 from ..console import log
 from ..data import wiki
 from ..errors import UserError
-from ..fileio import ensure_writable_dir, read_cache, write_json_atomic
+from ..fileio import atomic_path, ensure_writable_dir, read_cache, write_json_atomic
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..quant_types import Arithmetic, LlamaType
 from ..rearranged import Part
-from .service import Group, SensitivityService
+from .service import Group, Reference, SensitivityService
 from .swap import Change
 
 CACHE_PREFIX = "kld_sensitivity_"
+REFERENCE_PREFIX = "kld_reference_"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,47 @@ def cache_path(cache_dir: Path, model_hash: str, imatrix_digest: str | None, tok
     keyed = [model_hash, imatrix_digest, tokens.tolist()] + ([] if dtype is torch.float32 else [str(dtype)])
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{CACHE_PREFIX}{model_hash}_{key}.json"
+
+
+def references_file(cache_dir: Path, model_hash: str, spec: CalibrationSpec, tokens: torch.Tensor,
+                    dtype_name: str, where: str) -> tuple[Path, dict]:
+    """The reference logits' file and its fingerprint: one per model, calibration tokens, compute dtype and
+    where the model runs (`where`: a device kind or a device map; a GPU's sums differ from the CPU's in their
+    last bits)."""
+    fingerprint = {"model_hash": model_hash, "calibration": asdict(spec), "dtype": dtype_name,
+                   "where": where, "tokens": hashlib.sha256(json.dumps(tokens.tolist()).encode()).hexdigest()}
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{REFERENCE_PREFIX}{model_hash}_{key}.safetensors", fingerprint
+
+
+def save_references(path: Path, references: list[Reference], fingerprint: dict) -> None:
+    """Window i's [rows, vocab] float32 logits as tensor `logits.i` of one safetensors file (no stacked copy),
+    the fingerprint in its metadata; written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"logits.{i}": r.logits.detach().cpu().contiguous() for i, r in enumerate(references)}
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
+
+
+def load_references(path: Path, fingerprint: dict, windows: int, rows: int) -> list[Reference] | None:
+    """The references saved for `fingerprint`, `windows` of [rows, vocab], on the CPU; None where the file is
+    missing, unreadable or holds something else (then measured again, not an error)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if json.loads((handle.metadata() or {}).get("fingerprint", "null")) != fingerprint:
+                return None
+            logits = [handle.get_tensor(f"logits.{i}") for i in range(windows)]
+    except (OSError, SafetensorError, ValueError):
+        log(f"sensitivity: reference file {path} is unreadable; measuring again")
+        return None
+    if any(window.dtype != torch.float32 or window.ndim != 2 or window.shape[0] != rows for window in logits):
+        return None
+    return [Reference(window) for window in logits]
 
 
 def check_in_place(model: torch.nn.Module) -> None:
@@ -87,6 +132,7 @@ class CachedSensitivity:
     parts: dict[str, Part] | None = None
     dtype: torch.dtype = torch.float32  # the decoder's; the output projection runs in float32 (service.py)
     device_map: str | None = None  # accelerate's strategy over several GPUs (hf.load_model); None: all on `device`
+    _service: SensitivityService | None = field(default=None, init=False, repr=False)
 
     @property
     def dtype_name(self) -> str:
@@ -98,14 +144,26 @@ class CachedSensitivity:
 
         return calibration_tokens(hf.load_tokenizer(self.model_dir), self.spec)
 
-    @cached_property
-    def service(self) -> SensitivityService:
-        """The model, loaded once, and its unperturbed outputs on the calibration windows."""
+    def service(self, replay: bool = True) -> SensitivityService:
+        """The model, loaded once, and its unperturbed outputs on the calibration windows: from the reference
+        file where the first use needs no replay of recorded layers (`replay` False: whole-plan measurements),
+        else from an unperturbed pass that records them and writes the file."""
+        if self._service is not None:
+            return self._service
         from ..backends import hf
 
         model = hf.load_model(self.model_dir, self.device, self.dtype, self.device_map)
         check_in_place(model)
-        return SensitivityService(model, self.tokens, self.imatrix, self.parts)
+        where = f"device map {self.device_map}" if self.device_map else torch.device(self.device).type
+        path, fingerprint = references_file(ensure_writable_dir(self.cache_dir), self.model_hash, self.spec,
+                                            self.tokens, self.dtype_name, where)
+        references = None if replay else load_references(path, fingerprint, *self.tokens.shape)
+        if references is not None:
+            log(f"sensitivity: the unperturbed logits from {path}")
+        self._service = SensitivityService(model, self.tokens, self.imatrix, self.parts, references=references)
+        if references is None:
+            save_references(path, self._service.references, fingerprint)
+        return self._service
 
     def _cache(self) -> tuple[Path, dict]:
         """The cache file and its fingerprint."""
@@ -141,7 +199,7 @@ class CachedSensitivity:
             rows = {**cached, **{name: {"reference_types": swapped[name], "kld": value} for name, value in kld.items()}}
             self._write(path, fingerprint, "groups", rows)
 
-        kld = self.service.measure_groups(groups, types, done, on_group=save)
+        kld = self.service().measure_groups(groups, types, done, on_group=save)
         log(f"sensitivity: {len(groups) - len(done)} groups/tensors measured in {time.time() - started:.0f} s")
         return kld
 
@@ -155,7 +213,7 @@ class CachedSensitivity:
             log(f"activations: {arithmetic.value} rounding of {len(names)} matrices' inputs from {path}")
             return {name: cached[arithmetic.value][name] for name in names}
         started = time.time()
-        measured = self.service.activation_errors(entries, arithmetic)
+        measured = self.service(replay=False).activation_errors(entries, arithmetic)
         rows = {name: measured.get(name, {}) for name in names}
         log(f"activations: {arithmetic.value} rounding of {sum(map(bool, rows.values()))} matrices' inputs measured "
             f"in {time.time() - started:.0f} s")
@@ -167,7 +225,7 @@ class CachedSensitivity:
         """The mean KLD on the calibration windows with every change at once (a whole plan), in `arithmetic`.
         `last`: the model's last use here; it is measured without keeping its tensors to restore (no second
         copy of the model on the host) and let go afterwards (a later measurement loads it again)."""
-        kld = self.service.measure(changes, arithmetic=arithmetic, restore=not last).mean_kld
+        kld = self.service(replay=False).measure(changes, arithmetic=arithmetic, restore=not last).mean_kld
         if last:
-            del self.service  # the cached_property's value: the model and its references are freed
+            self._service = None  # the model and its references are freed
         return kld

@@ -4,8 +4,7 @@ once; the KLD (and NLL) of the model with any set of tensors swapped for their r
 Cost: one forward pass per measurement and window. The output of every decoder layer is kept from
 the unperturbed run and replayed for the layers before the first block a measurement changes,
 which only the perturbation after them can change (Replay), so a tensor in block b runs the layers
-from b on (half of them on average). The reference logits and probabilities are kept, float32,
-for the scored rows only.
+from b on (half of them on average). The reference logits are kept, float32, for the scored rows only.
 
 llama.cpp's arithmetic (quant_types.Arithmetic): a quantized matmul in llama.cpp rounds its input to
 int8 blocks first (llamacpp.activations). `measure` can do the same to the input of every swapped
@@ -171,27 +170,30 @@ class SensitivityService:
     """The model, its windows and its unperturbed outputs, computed once at construction; `measure`
     swaps tensors for their round trips, runs the windows, restores the model.
 
-    windows  [n, context] token ids; `scored` the rows of each window compared (all by default);
-             with `nll`, row i also scores the window's token i+1 (rows must end before the last)
-    parts    part name -> Part of the matrices the converter rearranges (rearranged.by_name)"""
+    windows     [n, context] token ids; `scored` the rows of each window compared (all by default);
+                with `nll`, row i also scores the window's token i+1 (rows must end before the last)
+    parts       part name -> Part of the matrices the converter rearranges (rearranged.by_name)
+    references  the unperturbed outputs of these windows, if already at hand (a cache of an earlier run's
+                `references`): no unperturbed pass is made, and no layer output recorded, so every
+                measurement runs every layer"""
 
     @torch.inference_mode()
     def __init__(self, model: torch.nn.Module, windows: torch.Tensor, imatrix: ImportanceMatrix | None,
-                 parts: dict[str, Part] | None = None, scored: slice = slice(None), nll: bool = False):
+                 parts: dict[str, Part] | None = None, scored: slice = slice(None), nll: bool = False,
+                 references: list[Reference] | None = None):
         device = next(model.parameters()).device
         self.model, self.imatrix, self.scored = model, imatrix, scored
         self.windows = windows.to(device)
         self.tensors, self.replay = ModelTensors(model, parts), Replay(model)
         self.linears = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self.targets = self._targets() if nll else None
-        self.references: list[Reference] = []
-        self.base_nll: list[float] | None = [] if nll else None
-        for index, window in enumerate(self.windows):
+        if references is not None and len(references) != len(self.windows):
+            raise ValueError(f"{len(references)} references for {len(self.windows)} windows")
+        self.references = [] if references is None else [Reference(r.logits.to(device)) for r in references]
+        for window in self.windows if references is None else []:
             with self.replay.recording():
-                logits = window_logits(model, window)[scored]
-            self.references.append(Reference(logits))
-            if nll:
-                self.base_nll.append(self._nll(logits, index))
+                self.references.append(Reference(window_logits(model, window)[scored]))
+        self.base_nll = [self._nll(r.logits, i) for i, r in enumerate(self.references)] if nll else None
 
     def _targets(self) -> torch.Tensor:
         positions = torch.arange(self.windows.shape[1], device=self.windows.device)[self.scored]
@@ -271,14 +273,15 @@ class SensitivityService:
         as there (without restore the service is spent: its model stays perturbed); with `arithmetic` CPU
         or CUDA the swapped tensors' inputs are rounded as llama.cpp's matmuls round them."""
         changes = list(changes)
-        first = min((self.replay.first_block(entry) for entry, _ in changes), default=0)
+        recorded = bool(self.replay.outputs)
+        first = min((self.replay.first_block(entry) for entry, _ in changes), default=0) if recorded else 0
         per_window, tokens, nll = [], [], [] if self.targets is not None else None
         rounding = nullcontext() if arithmetic is Arithmetic.WEIGHTS else self.rounded_inputs(changes, arithmetic)
         with swapped(self.tensors, changes, self.imatrix, errors, restore), rounding:
             for index, (window, reference) in enumerate(zip(self.windows, self.references)):
                 with self.replay.skipping(index, first):
                     logits = window_logits(self.model, window)[self.scored]
-                kl = token_kld(reference.logits, logits)
+                kl = token_kld(reference.logits, logits.to(reference.logits.device))
                 per_window.append(float(kl.sum()) / kl.shape[0])
                 tokens.append(kl)
                 if nll is not None:
