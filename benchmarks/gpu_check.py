@@ -98,9 +98,9 @@ def compare(cpu: dict, device: dict, tolerance: Tolerance, gpu: bool) -> dict:
     if not row["nll_rel"] <= tolerance.nll:
         row["failures"].append("nll")
     correct_cpu, correct_dev = (r["metrics"]["mmlu"]["per_question_correct"] for r in (cpu, device))
-    row["mmlu_differ"] = f"{sum(a != b for a, b in zip(correct_cpu, correct_dev))} / {len(correct_cpu)}"
-    if len(correct_cpu) != len(correct_dev) or \
-            sum(a != b for a, b in zip(correct_cpu, correct_dev)) > tolerance.mmlu * len(correct_cpu):
+    differ = sum(a != b for a, b in zip(correct_cpu, correct_dev))
+    row["mmlu_differ"] = f"{differ} / {len(correct_cpu)}"
+    if len(correct_cpu) != len(correct_dev) or differ > tolerance.mmlu * len(correct_cpu):
         row["failures"].append("mmlu")
     texts_cpu, texts_dev = ([o["text"] for o in r["metrics"]["generation"]["outputs"]] for r in (cpu, device))
     row["generations_differ"] = f"{sum(a != b for a, b in zip(texts_cpu, texts_dev))} / {len(texts_cpu)}"
