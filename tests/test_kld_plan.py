@@ -778,19 +778,41 @@ def test_a_model_for_one_gpu_is_loaded_straight_onto_it_and_one_for_the_cpu_on_t
     asked = []
 
     class Loaded(torch.nn.Module):
-        def to(self, device):
-            asked.append(("to", device))
+        def to(self, where):
+            asked.append(("to", where))
             return self
 
     def from_pretrained(model_dir, dtype, device_map):
-        asked.append(("device_map", device_map))
+        asked.append(("device_map", device_map, dtype))
         return Loaded()
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     hf.load_model("m", "cuda:1", torch.bfloat16)
     hf.load_model("m", "cuda", torch.bfloat16, device_map="auto")
     hf.load_model("m", "cpu", torch.float32)
-    assert asked == [("device_map", "cuda:1"), ("device_map", "auto"), ("device_map", None), ("to", "cpu")]
+    assert asked == [("device_map", "cuda:1", torch.bfloat16), ("device_map", "auto", torch.bfloat16),
+                     ("device_map", None, "auto"), ("to", torch.float32), ("to", "cpu")]
+
+
+def test_a_bf16_checkpoint_asked_for_in_float32_on_the_host_gives_the_weights_of_a_direct_float32_load(tmp_path):
+    """The host path loads in the checkpoint's dtype and widens (no float32 copy beside the mapped file): the
+    result must be what transformers gives when asked for float32, parameter for parameter and in its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from ewq.backends import hf
+
+    path = tmp_path / "bf16"
+    tiny_llama(num_layers=2).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    widened = hf.load_model(path, "cpu", torch.float32)
+    direct = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours, theirs = dict(widened.named_parameters()), dict(direct.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, parameter in ours.items():
+        assert parameter.dtype == torch.float32, name
+        assert torch.equal(parameter, theirs[name]), name
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        assert torch.equal(widened(ids).logits, direct(ids).logits)
 
 
 def test_a_device_map_that_offloads_beside_gpus_is_refused_in_one_line():
