@@ -15,8 +15,11 @@ error, pr15550 and entropy, each file measured by llama-perplexity --kl-divergen
 on evaluation-role text the calibration never saw; then each kld plan's predicted KLD against what it
 measures in the HF model and in llama.cpp, on calibration and on evaluation text.
 
-    python -m benchmarks.off_grid [--stand-in noise|twin] [--out-dir DIR] [--seed 0] [--chunks 24]
-                                  [--allocator optimized|ranked]
+    python -m benchmarks.off_grid [--stand-in noise|twin] [--source default|qwen] [--out-dir DIR] [--seed 0]
+                                  [--chunks 24] [--allocator optimized|ranked]
+
+--source qwen takes the twin of the second architecture, Qwen2.5-Coder-0.5B-Instruct (`python -m
+ewq.commands.setup qwen` fetches it); its GGUF was Q4_K_M, on no grid the noise stand-in knows.
 
 Files are kept in --out-dir; a second run measures again from them (about 25 minutes on 2 cores the
 first time, most of it the kld plan's sensitivities).
@@ -103,17 +106,23 @@ def main(argv=None) -> None:
     parser.add_argument("--stand-in", choices=("noise", "twin"), default="noise",
                         help="noise: every weight moved by Gaussian noise of 0.4 of its row's grid step; twin: the function-"
                              "preserving rotated twin (ewq.twin, bf16)")
+    parser.add_argument("--source", choices=("default", "qwen"), default="default",
+                        help="the model the stand-in is made from: the default model, or Qwen2.5-Coder-0.5B-Instruct "
+                             "(twin only)")
     parser.add_argument("--out-dir", type=Path, help="where the stand-in model and its files are kept "
-                        "(default: .cache/off-grid-noise-<seed>, .cache/off-grid-twin-<seed>)")
+                        "(default: .cache/off-grid-[qwen-]noise-<seed>, .cache/off-grid-[qwen-]twin-<seed>)")
     parser.add_argument("--seed", type=int, default=0, help="of the noise, or of the twin's rotation")
     parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
     parser.add_argument("--allocator", choices=("optimized", "ranked"), default="optimized",
                         help="of the error and entropy plans (the kld plan is always optimized)")
     args = parser.parse_args(argv)
-    name = "off-grid-noise" if args.stand_in == "noise" else "off-grid-twin"
+    if args.source == "qwen" and args.stand_in == "noise":
+        parser.error("--source qwen has the twin stand-in only: the noise is sized by Q4_1's and Q8_0's grids, "
+                     "and its GGUF was Q4_K_M")
+    name = "off-grid-" + ("qwen-" if args.source == "qwen" else "") + args.stand_in
     args.out_dir = args.out_dir or ROOT / ".cache" / f"{name}-{args.seed}"
 
-    from ewq import assets, weights
+    from ewq import assets
     from ewq.llamacpp.tools import IMATRIX_CHUNKS, IMATRIX_CONTEXT, calibration_file
     from ewq.data import wiki
     from ewq.llamacpp import gguf_read
@@ -122,12 +131,13 @@ def main(argv=None) -> None:
 
     out, threads, context = args.out_dir, torch.get_num_threads(), 512
     model = out / "model"
+    source = assets.prepare_qwen_model() if args.source == "qwen" else Path(assets.default_model())
     if args.stand_in == "twin":
         from ewq.twin import write_twin
 
-        write_twin(Path(assets.default_model()), model, args.seed, torch.bfloat16)
+        write_twin(source, model, args.seed, torch.bfloat16)
     else:
-        grids = write_off_grid_model(Path(assets.default_model()), model, args.seed)
+        grids = write_off_grid_model(source, model, args.seed)
         if grids:
             print(f"off-grid model written: matrices per grid {grids}")
     f16 = llama_tools.convert_f16(model, out / "F16.gguf")
@@ -152,17 +162,15 @@ def main(argv=None) -> None:
     def figure(value: dict | None) -> str:
         return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
 
-    default_hash = weights.model_hash(weights.open_model(assets.default_model()))
-    default_f16 = ROOT / "quantized_models" / f"{default_hash}-F16.gguf"
     print(f"evaluation text: {args.chunks} x {context} tokens (llama-perplexity: scored second half of each chunk)")
     f16_ppl = measure(f16, write_base=True)["ppl"]
     print(f"off-grid F16: PPL {figure(f16_ppl)}")
-    if default_f16.is_file():  # how far the noise moved the model: the default model's F16 as the base
-        default_base = out / "default-F16.kld-base"
-        default_ppl = measure(default_f16, write_base=True, against=default_base)["ppl"]
-        moved = measure(f16, against=default_base)
-        print(f"default F16 ({default_f16.name}): PPL {figure(default_ppl)}; off-grid F16 against it: KLD "
-              f"{figure(moved.get('kld'))}")
+    # how far the stand-in moved from its source (the twin: rounding to bf16 only), the source's F16 as the base
+    source_f16, source_base = llama_tools.convert_f16(source, out / "source-F16.gguf"), out / "source-F16.kld-base"
+    source_ppl = measure(source_f16, write_base=True, against=source_base)["ppl"]
+    moved = measure(f16, against=source_base)
+    print(f"source F16 ({source.name}): PPL {figure(source_ppl)}; off-grid F16 against it: KLD "
+          f"{figure(moved.get('kld'))}")
     print(f"{'file':10} {'tensor bytes':>12} {'bpw':>6} {'KLD vs its F16':>22} {'KLD p99':>9} {'same top-1 %':>16} "
           f"{'RMS Δp %':>16} {'PPL ratio':>18}")
     for label, path in files.items():

