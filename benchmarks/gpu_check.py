@@ -168,8 +168,7 @@ def scale(device: str, work: Path) -> dict:
     gpu = device != "cpu"
     config = llama_config(14, 2048, 8192) if gpu else llama_config(2, 256, 512)
     model_dir = write_checkpoint(work / "synthetic", config)
-    for source in Path(assets.default_model()).glob("tokenizer*"):
-        shutil.copy(source, model_dir / source.name)
+    assets.copy_default_tokenizer(model_dir)
     figures = {"model": f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}"}
     tokenizer = hf.load_tokenizer(model_dir)
     _, prompts = mmlu_inputs(tokenizer, EvalSettings(device=device, **dict(FULL, mmlu_per_subject=4 if gpu else 1)))

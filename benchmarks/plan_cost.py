@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,8 +194,7 @@ def scale(model_dir: Path | None) -> None:
         if model_dir is None:
             config = llama_config(14, 2048, 8192)
             model_dir = write_checkpoint(Path(tmp) / "synthetic", config)
-            for source in Path(assets.default_model()).glob("tokenizer*"):
-                shutil.copy(source, model_dir / source.name)
+            assets.copy_default_tokenizer(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         weights = sum(math.prod(shape) for shape in tensor_shapes(config).values())
         base = [sys.executable, str(ROOT / "create_quantization_plan.py"), "--model", str(model_dir), "--score", "kld",

@@ -60,6 +60,15 @@ def twin_model() -> str:
     return str(_prepared(TWIN_MODEL_DIR / MARKER, "the default model's rotated twin").parent)
 
 
+def copy_default_tokenizer(model_dir: Path) -> Path:
+    """The default model's tokenizer files (tokenizer*, chat template) copied into `model_dir`: a random model
+    of its vocabulary size (49,152) then loads, tokenizes and converts to GGUF like a real one."""
+    for source in Path(default_model()).iterdir():
+        if source.name.startswith("tokenizer") or source.suffix == ".jinja":
+            shutil.copy(source, Path(model_dir) / source.name)
+    return Path(model_dir)
+
+
 def _prepared(path: Path, what: str) -> Path:
     if not path.is_file():
         raise UserError(f"{what} not found at {path}; run scripts/setup.sh")

@@ -1,7 +1,5 @@
 """Batched, device-side scoring equals one sequence at a time: the HF backend on several
 architectures, the metrics' chunking, auto batch size, and llama.cpp's logits-only-where-needed."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -156,7 +154,6 @@ def bos_adding_tiny_model(path):
     """A tiny random Llama with SmolLM2's tokenizer made to add its BOS (<|im_start|>, id 1) to every text,
     as Llama-3's and Gemma's do."""
     import json
-    import shutil
 
     from conftest import tiny_llama
     from ewq import assets
@@ -165,8 +162,7 @@ def bos_adding_tiny_model(path):
     model.config.bos_token_id, model.config.eos_token_id = 1, 2
     model.config.max_position_embeddings = 2048  # lm-eval cuts contexts to it: every MMLU prompt fits
     model.save_pretrained(path, safe_serialization=True)
-    for source in Path(assets.default_model()).glob("tokenizer*"):
-        shutil.copy(source, path / source.name)
+    assets.copy_default_tokenizer(path)
     tokenizer = json.loads((path / "tokenizer.json").read_text())
     bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
     tokenizer["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],

@@ -182,3 +182,17 @@ def test_the_bindings_load_the_very_library_the_tools_were_built_with():
     assert loaded == (toolchain.BUILD_DIR / "bin" / "libllama.so").resolve()
     maps = Path("/proc/self/maps").read_text()
     assert str(loaded) in maps  # the loader mapped that file, not another libllama on its path
+
+
+def test_the_cpu_build_holds_no_amx_kernels():
+    """-march=native compiles ggml's AMX kernels where the CPU lists AMX; a VM that lists it without enabling
+    the tile state kills llama-perplexity with SIGILL at the first quantized matmul (toolchain.NO_AMX_FLAGS).
+    The built CPU library must not contain them (on an AMX host this failed before the flags)."""
+    import platform
+
+    from ewq.llamacpp import toolchain
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AMX is an x86 extension")
+    library = (toolchain.BUILD_DIR / "bin" / "libggml-cpu.so").read_bytes()
+    assert b"tinygemm_kernel_amx" not in library and b"ggml_backend_amx_buffer_type" not in library

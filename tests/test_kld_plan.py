@@ -29,10 +29,7 @@ def with_tokenizer(model, path: Path) -> Path:
     """Save a tiny model with SmolLM2's tokenizer (its vocabulary size), so that llama.cpp can convert it."""
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
     model.save_pretrained(path, safe_serialization=True)
-    for source in Path(assets.default_model()).iterdir():
-        if source.name.startswith("tokenizer") or source.suffix == ".jinja":
-            shutil.copy(source, path / source.name)
-    return path
+    return assets.copy_default_tokenizer(path)
 
 
 def tiny_cohere(path: Path) -> Path:

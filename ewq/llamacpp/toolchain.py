@@ -14,6 +14,7 @@ shows its last lines.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import tarfile
@@ -30,6 +31,11 @@ PYTHON_DIR = LLAMA_DIR / "python"  # the sdist's llama_cpp/ package, unbuilt
 BUILD_DIR = LLAMA_DIR / "build"
 BUILD_LOG = LLAMA_DIR / "build.log"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
+# The native build (-march=native) compiles ggml's AMX kernels where the CPU lists AMX. A virtual machine
+# may list it without enabling its tile state: there the first Q8_0/Q4 matmul dies of SIGILL at `tilezero`
+# (seen on a 2-core Xeon VM, 2026-12-06). Explicit -mno-* flags win over -march=native in whatever order
+# (gcc and clang).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 LIBRARY = "llama"  # the cmake target of libllama.so, which the bindings load
 BINDINGS_DIST = "llama_cpp_python-0.3.36.dist-info"
 CONVERTER = SOURCE_DIR / "convert_hf_to_gguf.py"
@@ -83,7 +89,7 @@ def unpack_source(target: Path = SOURCE_DIR, python_target: Path = PYTHON_DIR) -
 
 
 def _stamp(cuda: bool) -> Path:
-    return BUILD_DIR / f".built-shared-{'cuda' if cuda else 'cpu'}"
+    return BUILD_DIR / f".built-shared-{'cuda' if cuda else 'cpu'}-no-amx"  # -no-amx: builds before it rebuild
 
 
 def libraries() -> list[Path]:
@@ -107,6 +113,8 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
     configure = ["cmake", "-S", str(source), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                  "-DBUILD_SHARED_LIBS=ON", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        configure += [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
     if cuda:  # the present GPU's architecture only: minutes instead of an hour of every architecture
         configure.append("-DCMAKE_CUDA_ARCHITECTURES=native")
     compile_ = ["cmake", "--build", str(BUILD_DIR), "-j", str(jobs or os.cpu_count() or 2),
