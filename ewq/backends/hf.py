@@ -62,7 +62,7 @@ def load_model(model_dir, device: str, dtype: torch.dtype, device_map: str | Non
     """The model in `dtype`, on `device`, or spread by accelerate with `device_map` (auto, balanced, …). On a GPU
     the checkpoint's tensors go straight to it (transformers' device_map=device): an 8B model never sits in host
     RAM whole on its way there. On the host, float32 is reached by loading in the checkpoint's own dtype (its
-    tensors then map the safetensors files, no copy) and widening in place, one tensor at a time: asked for
+    tensors then map the safetensors files, no copy) and widening, one tensor at a time: asked for
     float32 directly, transformers holds both the mapped bf16 file and the float32 copies at its peak (measured
     on a 1B bf16 Llama: 6.25 GiB peak against 5.26 GiB this way; same float32 weights bit for bit)."""
     from transformers import AutoModelForCausalLM
