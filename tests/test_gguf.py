@@ -188,11 +188,9 @@ def test_the_cpu_build_holds_no_amx_kernels():
     """-march=native compiles ggml's AMX kernels where the CPU lists AMX; a VM that lists it without enabling
     the tile state kills llama-perplexity with SIGILL at the first quantized matmul (toolchain.NO_AMX_FLAGS).
     The built CPU library must not contain them (on an AMX host this failed before the flags)."""
-    import platform
-
     from ewq.llamacpp import toolchain
 
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if not toolchain.X86:
         pytest.skip("AMX is an x86 extension")
     library = (toolchain.BUILD_DIR / "bin" / "libggml-cpu.so").read_bytes()
     assert b"tinygemm_kernel_amx" not in library and b"ggml_backend_amx_buffer_type" not in library

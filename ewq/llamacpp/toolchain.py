@@ -36,6 +36,7 @@ TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 # (seen on a 2-core Xeon VM, 2026-12-06). Explicit -mno-* flags win over -march=native in whatever order
 # (gcc and clang).
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+X86 = platform.machine() in ("x86_64", "AMD64")  # where NO_AMX_FLAGS apply
 LIBRARY = "llama"  # the cmake target of libllama.so, which the bindings load
 BINDINGS_DIST = "llama_cpp_python-0.3.36.dist-info"
 CONVERTER = SOURCE_DIR / "convert_hf_to_gguf.py"
@@ -113,7 +114,7 @@ def build(cuda: bool = False, jobs: int | None = None) -> Path:
     configure = ["cmake", "-S", str(source), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                  "-DBUILD_SHARED_LIBS=ON", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
-    if platform.machine() in ("x86_64", "AMD64"):
+    if X86:
         configure += [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
     if cuda:  # the present GPU's architecture only: minutes instead of an hour of every architecture
         configure.append("-DCMAKE_CUDA_ARCHITECTURES=native")
