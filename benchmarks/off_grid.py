@@ -10,8 +10,8 @@ weights cost nothing. A stand-in, not a trained model: its F16 file is the refer
 every KLD below, and how far the noise moved it from the default model is printed too.
 
 Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
-its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, and by the weights' error alone),
-error, pr15550 and entropy, each file measured by llama-perplexity --kl-divergence against the F16 file
+its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, by the weights' error alone, and
+with a correction round over bands of 5 layers), error, pr15550 and entropy, each file measured by llama-perplexity --kl-divergence against the F16 file
 on evaluation-role text the calibration never saw; then each kld plan's predicted KLD against what it
 measures in the HF model and in llama.cpp, on calibration and on evaluation text.
 
@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32  # weights per block of Q4_1 and Q8_0, along a row
 NOISE_STEPS = 0.4  # the noise's standard deviation, in grid steps of its row
+CORRECTION_BAND = 5  # of the kld plan with a correction round: each tensor kind over bands of 5 layers
 
 
 def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -146,6 +147,7 @@ def main(argv=None) -> None:
     q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
     files, plans = {"Q4_K_M": q4_k_m}, {}
     variants = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "weights")),
+                "kld corr.": ("kld", ("--correction-band", str(CORRECTION_BAND))),
                 "error": ("error", ()), "pr15550": ("pr15550", ()), "entropy": ("entropy", ())}
     for label, (score, extra) in variants.items():
         plans[label], files[label] = plan_file(model, q4_k_m, score, imatrix, out, f16,
@@ -190,7 +192,7 @@ def main(argv=None) -> None:
     measure(f16, write_base=True, against=calibration_base, on=calibration)
     print(f"{'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
           f"{'llama.cpp, evaluation':>24}   (measured / predicted)")
-    for label in ("kld", "kld weights"):
+    for label in ("kld", "kld weights", "kld corr."):
         from ewq.plan.files import load_plan
 
         gguf_budget = load_plan(plans[label]).budget.gguf
@@ -200,6 +202,10 @@ def main(argv=None) -> None:
         print(f"{label:12} {predicted:>9.5f} {gguf_budget.measured_kld_calibration:>9.5f} "
               f"({gguf_budget.measured_kld_calibration / predicted:.2f}) {on_calibration:>16.5f} "
               f"({on_calibration / predicted:.2f}) {on_evaluation:>16.5f} ({on_evaluation / predicted:.2f})")
+        if gguf_budget.first_predicted_kld is not None:
+            print(f"{'':12} its first allocation: {gguf_budget.first_predicted_kld:.5f} predicted, "
+                  f"{gguf_budget.first_measured_kld_calibration:.5f} measured in the HF model on calibration windows "
+                  f"({gguf_budget.first_measured_kld_calibration / gguf_budget.first_predicted_kld:.2f})")
     q4_on_calibration = measure(q4_k_m, against=calibration_base, on=calibration)["kld"]
     print(f"Q4_K_M on calibration text: {figure(q4_on_calibration)}")
 

@@ -607,6 +607,72 @@ def test_replayed_layers_give_the_full_forward_kld_and_the_model_is_left_as_it_w
     assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
+def test_a_groups_marginal_in_context_is_the_plans_kld_less_the_plans_without_it_and_the_model_is_restored():
+    """in_context against its definition: every marginal is KLD(plan) − KLD(plan without the group), each
+    measured here by swapping the plan afresh; in llama.cpp's arithmetic the group's inputs are no longer
+    rounded once it is back; the model and its hooks are as they were."""
+    from ewq.quant_types import Arithmetic, LlamaType
+    from ewq.sensitivity.service import Group, SensitivityService, groups_for
+
+    model = tiny_llama(num_layers=3, hidden=64)
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight",
+             "model.layers.2.mlp.up_proj.weight", "model.layers.2.self_attn.o_proj.weight"]
+    entries = [plan_entry(model, name) for name in names]
+    plan = list(zip(entries, [LlamaType.Q4_0, LlamaType.Q4_1, LlamaType.Q5_0, LlamaType.Q4_0]))
+    before = {name: model.get_parameter(name).clone() for name in names}
+    service = SensitivityService(model, tokens, None)
+    groups = groups_for(entries[:2], None) + [Group("last block", tuple(entries[2:]))]
+    for arithmetic in (Arithmetic.WEIGHTS, Arithmetic.CPU):
+        seen = []
+        whole, marginal = service.in_context(plan, groups, arithmetic, on_group=lambda w, m: seen.append(len(m)))
+        assert whole == pytest.approx(service.measure(plan, arithmetic=arithmetic).mean_kld, rel=1e-6) and whole > 0
+        for group in groups:
+            rest = [(e, q) for e, q in plan if e not in group.entries]
+            assert marginal[group.name] == pytest.approx(whole - service.measure(rest, arithmetic=arithmetic).mean_kld,
+                                                         rel=1e-5, abs=1e-9)
+            assert marginal[group.name] > 0
+        assert seen == [1, 2, 3]
+        again = service.in_context(plan, groups, arithmetic, done={groups[0].name: -1.0})[1]
+        assert again[groups[0].name] == -1.0 and again[groups[1].name] == pytest.approx(marginal[groups[1].name])
+    assert all(torch.equal(before[name], model.get_parameter(name)) for name in names)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_correction_round_reallocates_from_the_marginals_in_context_and_caches_them(tmp_path, monkeypatch):
+    """--correction-band: the first allocation measured in context, every ranked tensor's α scaled by its
+    group's factor, the plan decided again within its budget; a second run takes the marginals from the
+    cache. The factors are marginal / predicted (checked against the measured marginals of the first plan)."""
+    from ewq.sensitivity.cached import CachedSensitivity
+
+    model_dir = with_tokenizer(tiny_llama(num_layers=2, vocab=49152, tie=True), tmp_path / "tied")
+    common = dict(target_bytes=2_200_000, score=Score.KLD, keep_embeddings=False, keep_lm_head=False,
+                  calibration_windows=2, calibration_context=32)
+    first = create_plan(str(model_dir), PlanParams(**common), cache_dir=tmp_path / "plans")
+    seen, real = [], CachedSensitivity.in_context
+
+    def spy(self, changes, groups, arithmetic):
+        out = real(self, changes, groups, arithmetic)
+        seen.append(({e.hf_name: q for e, q in changes}, groups, out))
+        return out
+
+    monkeypatch.setattr(CachedSensitivity, "in_context", spy)
+    corrected = create_plan(str(model_dir), PlanParams(**common, correction_band=1), cache_dir=tmp_path / "plans")
+    (types, groups, (whole, marginal)), = seen
+    assert types == {t.hf_name: t.llama_type for t in first.tensors if not t.is_kept}  # the first allocation's
+    assert len(groups) == len(types) and whole == pytest.approx(first.budget.gguf.measured_kld_calibration, rel=1e-6)
+    assert corrected.params.correction_band == 1 and corrected.budget.gguf.bytes <= common["target_bytes"]
+    assert corrected.budget.gguf.measured_kld_calibration > 0
+    from ewq.sensitivity.service import SensitivityService
+
+    measured = []
+    real_service = SensitivityService.in_context
+    monkeypatch.setattr(SensitivityService, "in_context", lambda *a, **k: measured.append(1) or real_service(*a, **k))
+    again = create_plan(str(model_dir), PlanParams(**common, correction_band=1), cache_dir=tmp_path / "plans")
+    assert len(seen) == 2 and not measured and seen[1][2] == seen[0][2]  # from the cache, as measured
+    assert [t.llama_type for t in again.tensors] == [t.llama_type for t in corrected.tensors]
+
+
 def test_a_bf16_model_is_measured_with_its_output_projection_in_float32():
     """bf16 logits are rounded to ~2^-8 of their size; the measurement's head runs in float32 on the
     decoder's bf16 output, as its float64 product does within float32 rounding, and is left unhooked."""

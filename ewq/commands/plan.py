@@ -102,6 +102,11 @@ def parse_args(argv):
                           "llama.cpp's CPU kernels round to int8 blocks for each weight type (Q8_0 / Q8_1 per 32 values, "
                           "Q8_K per 256 for K-quants and IQ4_XS), cuda that of CUDA's (Q8_1 per 32 for every type), "
                           "weights the weights' error alone (kld plans made before)")
+    kld.add_argument("--correction-band", type=positive_int, metavar="N",
+                     help="one correction round after the first allocation: with that whole plan applied, each tensor "
+                          "kind over bands of N layers (1: each tensor) is put back to its original values, its marginal "
+                          "ΔKLD over its predicted one scales its tensors' sensitivities, and the types are allocated "
+                          "again (one forward pass of every layer per group, and a copy of half the model kept)")
     parser.add_argument("--out-dir", type=Path, default=PLANS_DIR, help="where the plan is written")
     add_dry_run_arg(parser)
     args = parser.parse_args(argv)
@@ -117,9 +122,11 @@ def parse_args(argv):
     if args.score == Score.PR15550.value and not predicting:
         parser.error("--score pr15550 predicts every type's cost: it goes with a size budget and the optimized allocator")
     if (args.calibration_windows or args.calibration_context or args.sensitivity_band or args.dtype
-            or args.kld_arithmetic or args.device_map) and args.score != Score.KLD.value:
+            or args.kld_arithmetic or args.device_map or args.correction_band) and args.score != Score.KLD.value:
         parser.error("--calibration-windows / --calibration-context / --sensitivity-band / --dtype / --kld-arithmetic "
-                     "/ --device-map go with --score kld")
+                     "/ --device-map / --correction-band go with --score kld")
+    if args.correction_band and not budget_given:
+        parser.error("--correction-band corrects an allocation: give --target-bpw or --target-size")
     return args
 
 
@@ -137,7 +144,7 @@ def main(argv=None):
                         seed=args.seed if score is Score.RANDOM else PlanParams.seed,
                         imatrix_digest=file_digest(args.imatrix) if imatrix else None,
                         calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
-                        sensitivity_band=args.sensitivity_band,
+                        sensitivity_band=args.sensitivity_band, correction_band=args.correction_band,
                         allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value),  # threshold plans drop it
                         measure_dtype=None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch."),
                         kld_arithmetic=Arithmetic(args.kld_arithmetic or Arithmetic.CPU.value) if score is Score.KLD else None)

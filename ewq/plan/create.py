@@ -30,12 +30,13 @@ from ..llamacpp.names import Naming, gguf_names
 from ..llamacpp.quantizers import ImportanceMatrix
 from ..quant_types import Arithmetic
 from ..sensitivity.cached import CachedSensitivity, CalibrationSpec
+from ..sensitivity.service import groups_for
 from ..weights import block_index
 from . import budget, threshold
 from .distortion import DistortionCache
-from .entries import Plan, PlanParams, Score, TensorEntry, apply_keep_rule
+from .entries import Decision, Plan, PlanParams, Score, TensorEntry, apply_keep_rule
 from .entropy import tensor_stats
-from .scores import PredictingScorer, scorer_for
+from .scores import KldScorer, PredictingScorer, Scores, scorer_for
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -189,6 +190,43 @@ def read_entries(files: weights.ModelFiles, params: PlanParams, named: ModelName
     return entries
 
 
+# A correction round's factor on a group's sensitivities is held within these (a group whose marginal comes
+# out near zero or below, in the noise of the calibration windows, would otherwise lose all its bits)
+CORRECTION_LIMITS = (0.25, 4.0)
+
+
+def correct(tensors: list[TensorEntry], params: PlanParams, scorer: KldScorer, scores: Scores,
+            sensitivity: CachedSensitivity, arithmetic: Arithmetic) -> Decision:
+    """The correction round (PlanParams.correction_band), after a first allocation of a kld plan: with that
+    whole plan applied, each group's marginal ΔKLD (the plan's KLD minus that of the plan with the group back
+    at its original values) over the sum of its members' predicted ΔKLD at their chosen types is a factor on
+    their sensitivities α_t (within CORRECTION_LIMITS); then the types are allocated again. What it corrects:
+    the additive model measures each tensor with every other one exact, at its reference type, and predicts
+    other types linearly in their error; in the plan every other tensor is perturbed too, at its own type."""
+    ranked = [t for t in tensors if not t.is_kept]
+    groups = groups_for(ranked, params.correction_band if params.correction_band > 1 else None)
+    first = {t.hf_name: t.llama_type for t in ranked}
+    whole, marginal = sensitivity.in_context([(t, first[t.hf_name]) for t in ranked], groups, arithmetic)
+    low, high = CORRECTION_LIMITS
+    factors, held = {}, 0
+    for group in groups:
+        predicted = sum(scores.gguf[t.hf_name][first[t.hf_name]] for t in group.entries)
+        factor = marginal[group.name] / predicted if predicted > 0 else 1.0
+        held += not low <= factor <= high
+        factors.update({t.hf_name: min(max(factor, low), high) for t in group.entries})
+    scorer.corrections = factors
+    decision = budget.decide(tensors, params, scorer.scores(ranked))
+    decision.budget.gguf.first_predicted_kld = sum(scores.gguf[n][q] for n, q in first.items())
+    decision.budget.gguf.first_measured_kld_calibration = whole
+    ordered = sorted(factors[g.entries[0].hf_name] for g in groups)
+    log(f"correction round: the first allocation's KLD on the calibration windows {whole:.4g} measured, "
+        f"{decision.budget.gguf.first_predicted_kld:.4g} predicted, its {len(groups)} groups' marginals "
+        f"{sum(marginal.values()):.4g} in sum; factors {ordered[0]:.2f} … median {ordered[len(ordered) // 2]:.2f} … "
+        f"{ordered[-1]:.2f} ({held} held within {low}–{high}); allocated again: "
+        f"{sum(first[t.hf_name] != t.llama_type for t in ranked)} of {len(ranked)} tensors changed type")
+    return decision
+
+
 def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: ImportanceMatrix | None = None,
                 cache_dir: Path | None = None, device: str = "cpu", model_id: str | None = None,
                 device_map: str | None = None) -> Plan:
@@ -220,9 +258,11 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
     scores = scorer.scores([t for t in tensors if not t.is_kept])
     decision = budget.decide(tensors, params, scores) if params.is_budget else \
         threshold.decide(tensors, params, scores.rank)
+    arithmetic = params.kld_arithmetic or Arithmetic.WEIGHTS
+    if params.correction_band is not None:
+        decision = correct(tensors, params, scorer, scores, sensitivity, arithmetic)
     if sensitivity is not None:
         gguf = decision.budget.gguf
-        arithmetic = params.kld_arithmetic or Arithmetic.WEIGHTS
         gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None],
                                                            arithmetic, last=True)
         inputs = "" if arithmetic is Arithmetic.WEIGHTS else f", inputs rounded as llama.cpp's {arithmetic.value} matmuls do"

@@ -110,6 +110,9 @@ class PlanParams:
     # --score kld: whose matmuls its predictions model, cpu or cuda (quant_types.Arithmetic); None = the
     # weights' error alone, as kld plans were made before
     kld_arithmetic: Arithmetic | None = None
+    # --score kld with a budget: one correction round whose groups are each tensor kind over bands of this
+    # many layers (1: each tensor), measured in the context of the first allocation (create.correct); None = none
+    correction_band: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -120,6 +123,8 @@ class PlanParams:
         arithmetic = Arithmetic(self.kld_arithmetic) if self.kld_arithmetic else None
         object.__setattr__(self, "kld_arithmetic", None if self.score is not Score.KLD or arithmetic is
                            Arithmetic.WEIGHTS else arithmetic)
+        if self.score is not Score.KLD or not self.is_budget:
+            object.__setattr__(self, "correction_band", None)  # it corrects measured sensitivities under a budget
         if self.sensitivity_band == 1:  # a band of one layer is a tensor alone
             object.__setattr__(self, "sensitivity_band", None)
         if self.is_budget:
@@ -145,12 +150,12 @@ class PlanParams:
 
 
 _OPTIONAL = ("calibration_windows", "calibration_context", "sensitivity_band", "allocator", "measure_dtype",
-             "kld_arithmetic")
+             "kld_arithmetic", "correction_band")
 # Parameters added after schema 1 plans were written: left out of the plan hash while at their
 # defaults, so that earlier plans keep their hash (and file name).
 _LATER_PARAMS = {"target_bpw": None, "target_bytes": None, "score": "entropy", "seed": 0, "imatrix_digest": None,
                  "calibration_windows": None, "calibration_context": None, "sensitivity_band": None,
-                 "measure_dtype": None, "kld_arithmetic": None}
+                 "measure_dtype": None, "kld_arithmetic": None, "correction_band": None}
 
 
 def plan_hash(model_hash: str, params: PlanParams) -> str:

@@ -17,6 +17,9 @@ class TargetReport:
     floor_bits_per_weight: float | None = None  # bitsandbytes: every allocated matrix on nf4
     predicted_kld: float | None = None  # kld score: Σ predicted ΔKLD of the chosen types
     measured_kld_calibration: float | None = None  # kld score, GGUF: the whole plan measured at once
+    # kld score with a correction round, GGUF: the first allocation's Σ predicted ΔKLD and its KLD measured at once
+    first_predicted_kld: float | None = None
+    first_measured_kld_calibration: float | None = None
 
     def to_json(self) -> dict:
         """Every field that is set, in field order (a plan file's bytes do not depend on the reader)."""

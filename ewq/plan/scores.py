@@ -141,17 +141,20 @@ class PredictingScorer(Scorer):
 
 
 class KldScorer(PredictingScorer):
-    """α_t measured end to end: ΔKLD when only t (or its group) is on its reference type, over e_t there."""
+    """α_t measured end to end: ΔKLD when only t (or its group) is on its reference type, over e_t there;
+    times t's factor from a correction round where one was made (`corrections`, create.correct)."""
     score = Score.KLD
 
     def __init__(self, band: int | None, imatrix: ImportanceMatrix | None, sensitivity: CachedSensitivity,
                  arithmetic: Arithmetic = Arithmetic.WEIGHTS):
         super().__init__(imatrix)
         self.band, self.sensitivity, self.arithmetic = band, sensitivity, arithmetic
+        self.corrections: dict[str, float] = {}  # hf_name -> factor on α_t (none: 1)
 
     def alpha(self, ranked, reference, floor_error):
         groups = groups_for(ranked, self.band)
-        return sensitivity(groups, self.sensitivity.group_klds(groups, reference), floor_error)
+        measured = sensitivity(groups, self.sensitivity.group_klds(groups, reference), floor_error)
+        return {name: a * self.corrections.get(name, 1.0) for name, a in measured.items()}
 
     def input_errors(self, ranked):
         if self.arithmetic is Arithmetic.WEIGHTS:

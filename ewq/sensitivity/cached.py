@@ -221,6 +221,28 @@ class CachedSensitivity:
                                                                                     **rows}})
         return rows
 
+    def in_context(self, changes: list[Change], groups: list[Group],
+                   arithmetic: Arithmetic = Arithmetic.WEIGHTS) -> tuple[float, dict[str, float]]:
+        """(the whole plan's KLD, group name -> its marginal ΔKLD in the plan; SensitivityService.in_context),
+        cached per plan (its types), grouping and arithmetic, saved after each group: an interrupted correction
+        round goes on from there."""
+        path, fingerprint = self._cache()
+        key = hashlib.sha256(json.dumps([arithmetic.value, sorted((e.hf_name, t.value) for e, t in changes),
+                                         [g.name for g in groups]]).encode()).hexdigest()[:16]
+        cached = read_cache(path, fingerprint, "sensitivity").get("in_context", {})
+        row = cached.get(key, {})
+        if "whole" in row and all(g.name in row["groups"] for g in groups):
+            log(f"in context: {len(groups)} groups' marginals from {path}")
+            return row["whole"], row["groups"]
+        started = time.time()
+
+        def save(whole: float, marginal: dict[str, float]) -> None:
+            self._write(path, fingerprint, "in_context", {**cached, key: {"whole": whole, "groups": dict(marginal)}})
+
+        kld, marginal = self.service(replay=False).in_context(changes, groups, arithmetic, save, row.get("groups"))
+        log(f"in context: {len(groups)} groups' marginals measured in {time.time() - started:.0f} s")
+        return kld, marginal
+
     def kld_of(self, changes: list[Change], arithmetic: Arithmetic = Arithmetic.WEIGHTS, last: bool = False) -> float:
         """The mean KLD on the calibration windows with every change at once (a whole plan), in `arithmetic`.
         `last`: the model's last use here; it is measured without keeping its tensors to restore (no second

@@ -223,6 +223,11 @@ class SensitivityService:
         rounded = {activation_type(t, arithmetic) for t in types} - {None}
         return module, {a for a in rounded if module.in_features % activations.BLOCK.get(a, 1) == 0}
 
+    def _round_hooks(self, entry: TensorEntry, llama_type: LlamaType, arithmetic: Arithmetic) -> list:
+        """Hooks that round the input of the entry's matmul as llama.cpp does for `llama_type` (their handles)."""
+        module, rounded = self._activation_types(entry, [llama_type], arithmetic)
+        return [module.register_forward_pre_hook(partial(_round_input, a)) for a in rounded]
+
     @contextmanager
     def rounded_inputs(self, changes: list[Change], arithmetic: Arithmetic):
         """Inside the block, the input of each changed tensor's matmul is rounded as llama.cpp rounds it
@@ -230,8 +235,7 @@ class SensitivityService:
         handles = []
         try:
             for entry, llama_type in changes:
-                module, rounded = self._activation_types(entry, [llama_type], arithmetic)
-                handles += [module.register_forward_pre_hook(partial(_round_input, a)) for a in rounded]
+                handles += self._round_hooks(entry, llama_type, arithmetic)
             yield
         finally:
             for handle in handles:
@@ -275,18 +279,56 @@ class SensitivityService:
         changes = list(changes)
         recorded = bool(self.replay.outputs)
         first = min((self.replay.first_block(entry) for entry, _ in changes), default=0) if recorded else 0
-        per_window, tokens, nll = [], [], [] if self.targets is not None else None
         rounding = nullcontext() if arithmetic is Arithmetic.WEIGHTS else self.rounded_inputs(changes, arithmetic)
         with swapped(self.tensors, changes, self.imatrix, errors, restore), rounding:
-            for index, (window, reference) in enumerate(zip(self.windows, self.references)):
-                with self.replay.skipping(index, first):
-                    logits = window_logits(self.model, window)[self.scored]
-                kl = token_kld(reference.logits, logits.to(reference.logits.device))
-                per_window.append(float(kl.sum()) / kl.shape[0])
-                tokens.append(kl)
-                if nll is not None:
-                    nll.append(self._nll(logits, index))
+            return self._run_windows(first)
+
+    def _run_windows(self, first: int = 0) -> Measurement:
+        """The windows through the model as it is now, layers before `first` replayed, against the references."""
+        per_window, tokens, nll = [], [], [] if self.targets is not None else None
+        for index, (window, reference) in enumerate(zip(self.windows, self.references)):
+            with self.replay.skipping(index, first):
+                logits = window_logits(self.model, window)[self.scored]
+            kl = token_kld(reference.logits, logits.to(reference.logits.device))
+            per_window.append(float(kl.sum()) / kl.shape[0])
+            tokens.append(kl)
+            if nll is not None:
+                nll.append(self._nll(logits, index))
         return Measurement(per_window, torch.cat(tokens), nll)
+
+    @torch.inference_mode()
+    def in_context(self, plan: list[Change], groups: list[Group], arithmetic: Arithmetic = Arithmetic.WEIGHTS,
+                   on_group: Callable[[float, dict[str, float]], None] | None = None,
+                   done: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+        """(KLD of the whole `plan` at once, group name -> its marginal ΔKLD in that context): KLD(plan) minus
+        the KLD of the plan with only that group's members back at their original values (their inputs, in
+        llama.cpp's arithmetic, no longer rounded). Every measurement runs every layer (the layers before a
+        group are perturbed too); the plan is swapped once, the original values kept to restore (about half
+        the model, swap.exact_copy), one group's round trips held aside at a time. `done`: groups already
+        measured; `on_group` sees the whole plan's KLD and all marginals after each group."""
+        marginal, types = dict(done or {}), {entry.hf_name: llama_type for entry, llama_type in plan}
+        rounding = partial(self._round_hooks, arithmetic=arithmetic) if arithmetic is not Arithmetic.WEIGHTS else None
+        with swapped(self.tensors, plan, self.imatrix) as originals:
+            hooks = {entry.hf_name: rounding(entry, llama_type) if rounding else [] for entry, llama_type in plan}
+            try:
+                whole = self._run_windows().mean_kld
+                for group in progress([g for g in groups if g.name not in marginal], desc="in context", unit="group"):
+                    held = [(e, self.tensors.values(e)) for e in group.entries if e.hf_name in originals]
+                    for e, _ in held:  # back to the original, its input as it comes
+                        self.tensors.assign(e, originals[e.hf_name])
+                        for handle in hooks.pop(e.hf_name):
+                            handle.remove()
+                    marginal[group.name] = whole - self._run_windows().mean_kld
+                    for e, values in held:  # the plan again
+                        self.tensors.assign(e, values)
+                        hooks[e.hf_name] = rounding(e, types[e.hf_name]) if rounding else []
+                    if on_group is not None:
+                        on_group(whole, marginal)
+            finally:
+                for handles in hooks.values():
+                    for handle in handles:
+                        handle.remove()
+        return whole, marginal
 
     def measure_groups(self, groups: list[Group], types: dict[str, LlamaType], done: dict[str, float],
                        on_group: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:

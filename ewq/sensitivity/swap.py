@@ -64,7 +64,8 @@ def swapped(tensors: ModelTensors, changes: Iterable[Change], imatrix: Importanc
     code with the entry's importance rows; afterwards the model is as it was. `errors`, if given,
     receives each entry's relative error there (the first time it is seen). With `restore` False
     nothing is kept to restore (a whole plan swapped at once would keep a copy of the model):
-    the model stays perturbed, for a caller's last use of it."""
+    the model stays perturbed, for a caller's last use of it. The block is given what is kept to restore,
+    hf_name -> the entry's original values (the shape of ModelTensors.values; empty without `restore`)."""
     saved = []
     try:
         for entry, llama_type in changes:
@@ -86,7 +87,7 @@ def swapped(tensors: ModelTensors, changes: Iterable[Change], imatrix: Importanc
                 tensors.assign(entry, torch.from_numpy(np.ascontiguousarray(approx)))
             if errors is not None and entry.hf_name not in errors:
                 errors[entry.hf_name] = error
-        yield
+        yield {entry.hf_name: values for entry, values in saved}
     finally:
         for entry, values in reversed(saved):
             tensors.assign(entry, values)
