@@ -16,7 +16,7 @@ on evaluation-role text the calibration never saw; then each kld plan's predicte
 measures in the HF model and in llama.cpp, on calibration and on evaluation text.
 
     python -m benchmarks.off_grid [--stand-in noise|twin] [--source default|qwen] [--out-dir DIR] [--seed 0]
-                                  [--chunks 24] [--allocator optimized|ranked]
+                                  [--chunks 24] [--allocator optimized|ranked] [--variants kld,error,...]
 
 --source qwen takes the twin of the second architecture, Qwen2.5-Coder-0.5B-Instruct (`python -m
 ewq.commands.setup qwen` fetches it); its GGUF was Q4_K_M, on no grid the noise stand-in knows.
@@ -37,6 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32  # weights per block of Q4_1 and Q8_0, along a row
 NOISE_STEPS = 0.4  # the noise's standard deviation, in grid steps of its row
 CORRECTION_BAND = 5  # of the kld plan with a correction round: each tensor kind over bands of 5 layers
+# label -> (score, further plan arguments): the plans made at Q4_K_M's tensor bytes
+VARIANTS = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "weights")),
+            "kld corr.": ("kld", ("--correction-band", str(CORRECTION_BAND))),
+            "error": ("error", ()), "pr15550": ("pr15550", ()), "entropy": ("entropy", ())}
+
+
+def variant_list(text: str) -> list[str]:
+    """--variants: comma-separated labels of VARIANTS (an unknown one is an argparse error that names it)."""
+    labels = [label.strip() for label in text.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown or not labels:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not among {', '.join(VARIANTS)}")
+    return labels
 
 
 def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -116,6 +129,9 @@ def main(argv=None) -> None:
     parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
     parser.add_argument("--allocator", choices=("optimized", "ranked"), default="optimized",
                         help="of the error and entropy plans (the kld plan is always optimized)")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help=f"the plans to make and measure beside Q4_K_M, comma-separated (default: all of "
+                             f"{','.join(VARIANTS)})")
     args = parser.parse_args(argv)
     if args.source == "qwen" and args.stand_in == "noise":
         parser.error("--source qwen has the twin stand-in only: the noise is sized by Q4_1's and Q8_0's grids, "
@@ -146,9 +162,7 @@ def main(argv=None) -> None:
                                        IMATRIX_CHUNKS)
     q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
     files, plans = {"Q4_K_M": q4_k_m}, {}
-    variants = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "weights")),
-                "kld corr.": ("kld", ("--correction-band", str(CORRECTION_BAND))),
-                "error": ("error", ()), "pr15550": ("pr15550", ()), "entropy": ("entropy", ())}
+    variants = {label: VARIANTS[label] for label in args.variants}
     for label, (score, extra) in variants.items():
         plans[label], files[label] = plan_file(model, q4_k_m, score, imatrix, out, f16,
                                                "optimized" if score in ("kld", "pr15550") else args.allocator, extra)
@@ -192,7 +206,7 @@ def main(argv=None) -> None:
     measure(f16, write_base=True, against=calibration_base, on=calibration)
     print(f"{'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
           f"{'llama.cpp, evaluation':>24}   (measured / predicted)")
-    for label in ("kld", "kld weights", "kld corr."):
+    for label in [label for label in plans if VARIANTS[label][0] == "kld"]:
         from ewq.plan.files import load_plan
 
         gguf_budget = load_plan(plans[label]).budget.gguf

@@ -641,9 +641,10 @@ def test_a_groups_marginal_in_context_is_the_plans_kld_less_the_plans_without_it
 
 def test_a_correction_round_reallocates_from_the_marginals_in_context_and_caches_them(tmp_path, monkeypatch):
     """--correction-band: the first allocation measured in context, every ranked tensor's α scaled by its
-    group's factor, the plan decided again within its budget; a second run takes the marginals from the
-    cache. The factors are marginal / predicted (checked against the measured marginals of the first plan)."""
+    group's factor, the plan decided again within its budget, the first allocation's prediction and
+    measurement recorded; a second run takes the marginals from the cache."""
     from ewq.sensitivity.cached import CachedSensitivity
+    from ewq.sensitivity.service import SensitivityService
 
     model_dir = with_tokenizer(tiny_llama(num_layers=2, vocab=49152, tie=True), tmp_path / "tied")
     common = dict(target_bytes=2_200_000, score=Score.KLD, keep_embeddings=False, keep_lm_head=False,
@@ -663,8 +664,9 @@ def test_a_correction_round_reallocates_from_the_marginals_in_context_and_caches
     assert len(groups) == len(types) and whole == pytest.approx(first.budget.gguf.measured_kld_calibration, rel=1e-6)
     assert corrected.params.correction_band == 1 and corrected.budget.gguf.bytes <= common["target_bytes"]
     assert corrected.budget.gguf.measured_kld_calibration > 0
-    from ewq.sensitivity.service import SensitivityService
-
+    assert corrected.budget.gguf.first_predicted_kld == pytest.approx(first.budget.gguf.predicted_kld, rel=1e-9)
+    assert corrected.budget.gguf.first_measured_kld_calibration == whole
+    assert first.budget.gguf.first_predicted_kld is None  # no round, nothing recorded
     measured = []
     real_service = SensitivityService.in_context
     monkeypatch.setattr(SensitivityService, "in_context", lambda *a, **k: measured.append(1) or real_service(*a, **k))

@@ -115,3 +115,14 @@ def test_the_noise_stand_in_of_the_second_architecture_is_refused_in_one_line(ca
     with pytest.raises(SystemExit) as stop:
         off_grid.main(["--source", "qwen", "--stand-in", "noise"])
     assert stop.value.code == 2 and "twin stand-in only" in capsys.readouterr().err
+
+
+def test_an_unknown_off_grid_variant_is_refused_in_one_line_naming_it(capsys):
+    """--variants takes labels of off_grid.VARIANTS; a bad one stops before any model is written."""
+    from benchmarks import off_grid
+
+    assert off_grid.variant_list("kld, error") == ["kld", "error"]
+    with pytest.raises(SystemExit) as stop:
+        off_grid.main(["--variants", "kld,klld", "--out-dir", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "klld: not among kld, kld weights" in err and "Traceback" not in err
