@@ -11,9 +11,10 @@ every KLD below, and how far the noise moved it from the default model is printe
 
 Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
 its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, by the weights' error alone, and
-with a correction round over bands of 5 layers), error, pr15550 and entropy, each file measured by llama-perplexity --kl-divergence against the F16 file
-on evaluation-role text the calibration never saw; then each kld plan's predicted KLD against what it
-measures in the HF model and in llama.cpp, on calibration and on evaluation text.
+with a correction round over bands of 5 layers), error, pr15550 and entropy (--variants: some of them),
+each file measured by llama-perplexity --kl-divergence against the F16 file on evaluation-role text
+the calibration never saw; then each kld plan's predicted KLD against what it measures in the HF model
+and in llama.cpp, on calibration and on evaluation text.
 
     python -m benchmarks.off_grid [--stand-in noise|twin] [--source default|qwen] [--out-dir DIR] [--seed 0]
                                   [--chunks 24] [--allocator optimized|ranked] [--variants kld,error,...]
