@@ -196,11 +196,12 @@ CORRECTION_LIMITS = (0.25, 4.0)
 
 
 def correct(tensors: list[TensorEntry], params: PlanParams, scorer: KldScorer, scores: Scores,
-            sensitivity: CachedSensitivity, arithmetic: Arithmetic) -> Decision:
+            sensitivity: CachedSensitivity, arithmetic: Arithmetic, first_decision: Decision) -> Decision:
     """The correction round (PlanParams.correction_band), after a first allocation of a kld plan: with that
     whole plan applied, each group's marginal ΔKLD (the plan's KLD minus that of the plan with the group back
     at its original values) over the sum of its members' predicted ΔKLD at their chosen types is a factor on
-    their sensitivities α_t (within CORRECTION_LIMITS); then the types are allocated again. What it corrects:
+    their sensitivities α_t (within CORRECTION_LIMITS); then the types are allocated again (`first_decision`:
+    the first allocation, its types on the tensors). What it corrects:
     the additive model measures each tensor with every other one exact, at its reference type, and predicts
     other types linearly in their error; in the plan every other tensor is perturbed too, at its own type."""
     ranked = [t for t in tensors if not t.is_kept]
@@ -216,7 +217,7 @@ def correct(tensors: list[TensorEntry], params: PlanParams, scorer: KldScorer, s
         factors.update({t.hf_name: min(max(factor, low), high) for t in group.entries})
     scorer.corrections = factors
     decision = budget.decide(tensors, params, scorer.scores(ranked))
-    decision.budget.gguf.first_predicted_kld = sum(scores.gguf[n][q] for n, q in first.items())
+    decision.budget.gguf.first_predicted_kld = first_decision.budget.gguf.predicted_kld
     decision.budget.gguf.first_measured_kld_calibration = whole
     ordered = sorted(factors[g.entries[0].hf_name] for g in groups)
     log(f"correction round: the first allocation's KLD on the calibration windows {whole:.4g} measured, "
@@ -260,7 +261,7 @@ def create_plan(model: str | weights.ModelFiles, params: PlanParams, imatrix: Im
         threshold.decide(tensors, params, scores.rank)
     arithmetic = params.kld_arithmetic or Arithmetic.WEIGHTS
     if params.correction_band is not None:
-        decision = correct(tensors, params, scorer, scores, sensitivity, arithmetic)
+        decision = correct(tensors, params, scorer, scores, sensitivity, arithmetic, decision)
     if sensitivity is not None:
         gguf = decision.budget.gguf
         gguf.measured_kld_calibration = sensitivity.kld_of([(t, t.llama_type) for t in tensors if t.rank_score is not None],
