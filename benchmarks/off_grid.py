@@ -9,15 +9,16 @@ again then costs about a quarter of a step per weight, as for a trained model, w
 weights cost nothing. A stand-in, not a trained model: its F16 file is the reference of
 every KLD below, and how far the noise moved it from the default model is printed too.
 
-Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M, and at
-its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, by the weights' error alone, and
-with a correction round over bands of 5 layers), error, pr15550 and entropy (--variants: some of them),
-each file measured by llama-perplexity --kl-divergence against the F16 file on evaluation-role text
-the calibration never saw; then each kld plan's predicted KLD against what it measures in the HF model
-and in llama.cpp, on calibration and on evaluation text.
+Then, as the issue asks: one importance matrix (calibration-role text), llama.cpp's Q4_K_M (or each preset
+of --presets), and at its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, by the weights' error alone,
+with a correction round over bands of 5 layers, and measured on 8 calibration windows instead of 2), error,
+pr15550 and entropy (--variants: some of them), each file measured by llama-perplexity --kl-divergence
+against the F16 file on evaluation-role text the calibration never saw; then each kld plan's predicted
+KLD against what it measures in the HF model and in llama.cpp, on calibration and on evaluation text.
 
     python -m benchmarks.off_grid [--stand-in noise|twin] [--source default|qwen] [--out-dir DIR] [--seed 0]
                                   [--chunks 24] [--allocator optimized|ranked] [--variants kld,error,...]
+                                  [--presets Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K]
 
 --source qwen takes the twin of the second architecture, Qwen2.5-Coder-0.5B-Instruct (`python -m
 ewq.commands.setup qwen` fetches it); its GGUF was Q4_K_M, on no grid the noise stand-in knows.
@@ -38,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32  # weights per block of Q4_1 and Q8_0, along a row
 NOISE_STEPS = 0.4  # the noise's standard deviation, in grid steps of its row
 CORRECTION_BAND = 5  # of the kld plan with a correction round: each tensor kind over bands of 5 layers
-# label -> (score, further plan arguments): the plans made at Q4_K_M's tensor bytes
+# label -> (score, further plan arguments): the plans made at a preset's tensor bytes
 VARIANTS = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "weights")),
             "kld corr.": ("kld", ("--correction-band", str(CORRECTION_BAND))),
+            "kld 8w": ("kld", ("--calibration-windows", "8")),
             "error": ("error", ()), "pr15550": ("pr15550", ()), "entropy": ("entropy", ())}
 
 
@@ -51,6 +53,18 @@ def variant_list(text: str) -> list[str]:
     if unknown or not labels:
         raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not among {', '.join(VARIANTS)}")
     return labels
+
+
+PRESETS = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")  # llama.cpp's mixes whose sizes the plans are made at
+
+
+def preset_list(text: str) -> list[str]:
+    """--presets: comma-separated names of PRESETS (an unknown one is an argparse error that names it)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not among {', '.join(PRESETS)}")
+    return names
 
 
 def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -131,8 +145,11 @@ def main(argv=None) -> None:
     parser.add_argument("--allocator", choices=("optimized", "ranked"), default="optimized",
                         help="of the error and entropy plans (the kld plan is always optimized)")
     parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
-                        help=f"the plans to make and measure beside Q4_K_M, comma-separated (default: all of "
+                        help=f"the plans to make and measure beside each preset, comma-separated (default: all of "
                              f"{','.join(VARIANTS)})")
+    parser.add_argument("--presets", type=preset_list, default=["Q4_K_M"],
+                        help=f"llama.cpp's presets at whose tensor bytes the plans are made, comma-separated "
+                             f"(default: Q4_K_M; all: {','.join(PRESETS)})")
     args = parser.parse_args(argv)
     if args.source == "qwen" and args.stand_in == "noise":
         parser.error("--source qwen has the twin stand-in only: the noise is sized by Q4_1's and Q8_0's grids, "
@@ -161,12 +178,14 @@ def main(argv=None) -> None:
     f16 = llama_tools.convert_f16(model, out / "F16.gguf")
     imatrix = llama_tools.build_imatrix(f16, calibration_file(out), out / "imatrix.gguf", IMATRIX_CONTEXT,
                                        IMATRIX_CHUNKS)
-    q4_k_m = llama_tools.quantize(f16, out / "Q4_K_M-imat.gguf", "Q4_K_M", imatrix)
-    files, plans = {"Q4_K_M": q4_k_m}, {}
-    variants = {label: VARIANTS[label] for label in args.variants}
-    for label, (score, extra) in variants.items():
-        plans[label], files[label] = plan_file(model, q4_k_m, score, imatrix, out, f16,
-                                               "optimized" if score in ("kld", "pr15550") else args.allocator, extra)
+    files, plans = {}, {}  # (preset, label) -> the GGUF file / the plan; label = the preset's name for its own file
+    for preset in args.presets:
+        files[preset, preset] = preset_file = llama_tools.quantize(f16, out / f"{preset}-imat.gguf", preset, imatrix)
+        for label in args.variants:
+            score, extra = VARIANTS[label]
+            plans[preset, label], files[preset, label] = plan_file(
+                model, preset_file, score, imatrix, out, f16,
+                "optimized" if score in ("kld", "pr15550") else args.allocator, extra)
 
     text = out / "eval.txt"
     if not text.is_file():
@@ -188,13 +207,13 @@ def main(argv=None) -> None:
     moved = measure(f16, against=source_base)
     print(f"source F16 ({source.name}): PPL {figure(source_ppl)}; off-grid F16 against it: KLD "
           f"{figure(moved.get('kld'))}")
-    print(f"{'file':10} {'tensor bytes':>12} {'bpw':>6} {'KLD vs its F16':>22} {'KLD p99':>9} {'same top-1 %':>16} "
+    print(f"{'size of':8} {'file':10} {'tensor bytes':>12} {'bpw':>6} {'KLD vs its F16':>22} {'KLD p99':>9} {'same top-1 %':>16} "
           f"{'RMS Δp %':>16} {'PPL ratio':>18}")
-    for label, path in files.items():
+    for (preset, label), path in files.items():
         measured = measure(path)
         weights_read = gguf_read.describe(path)
         p99 = measured.get("kld_p99")
-        print(f"{label:10} {weights_read.weight_bytes:>12,} {weights_read.bits_per_weight:>6.3f} "
+        print(f"{preset if label == preset else '':8} {label:10} {weights_read.weight_bytes:>12,} {weights_read.bits_per_weight:>6.3f} "
               f"{figure(measured.get('kld')):>22} {p99['mean'] if p99 else float('nan'):>9.5f} "
               f"{figure(measured.get('same_top1_pct')):>16} {figure(measured.get('rms_dp_pct')):>16} "
               f"{figure(measured.get('ppl_ratio')):>18}")
@@ -205,24 +224,25 @@ def main(argv=None) -> None:
     # (the importance matrix's, whose first windows the sensitivities were measured on) and on evaluation text
     calibration, calibration_base = calibration_file(out), out / "F16-calibration.kld-base"
     measure(f16, write_base=True, against=calibration_base, on=calibration)
-    print(f"{'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
+    print(f"{'size of':8} {'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
           f"{'llama.cpp, evaluation':>24}   (measured / predicted)")
-    for label in [label for label in plans if VARIANTS[label][0] == "kld"]:
+    for preset, label in [key for key in plans if VARIANTS[key[1]][0] == "kld"]:
         from ewq.plan.files import load_plan
 
-        gguf_budget = load_plan(plans[label]).budget.gguf
+        gguf_budget = load_plan(plans[preset, label]).budget.gguf
         predicted = gguf_budget.predicted_kld
-        on_calibration = measure(files[label], against=calibration_base, on=calibration)["kld"]["mean"]
-        on_evaluation = measure(files[label])["kld"]["mean"]
-        print(f"{label:12} {predicted:>9.5f} {gguf_budget.measured_kld_calibration:>9.5f} "
+        on_calibration = measure(files[preset, label], against=calibration_base, on=calibration)["kld"]["mean"]
+        on_evaluation = measure(files[preset, label])["kld"]["mean"]
+        print(f"{preset:8} {label:12} {predicted:>9.5f} {gguf_budget.measured_kld_calibration:>9.5f} "
               f"({gguf_budget.measured_kld_calibration / predicted:.2f}) {on_calibration:>16.5f} "
               f"({on_calibration / predicted:.2f}) {on_evaluation:>16.5f} ({on_evaluation / predicted:.2f})")
         if gguf_budget.first_predicted_kld is not None:
-            print(f"{'':12} its first allocation: {gguf_budget.first_predicted_kld:.5f} predicted, "
+            print(f"{'':21} its first allocation: {gguf_budget.first_predicted_kld:.5f} predicted, "
                   f"{gguf_budget.first_measured_kld_calibration:.5f} measured in the HF model on calibration windows "
                   f"({gguf_budget.first_measured_kld_calibration / gguf_budget.first_predicted_kld:.2f})")
-    q4_on_calibration = measure(q4_k_m, against=calibration_base, on=calibration)["kld"]
-    print(f"Q4_K_M on calibration text: {figure(q4_on_calibration)}")
+    for preset in args.presets:
+        print(f"{preset} on calibration text: "
+              f"{figure(measure(files[preset, preset], against=calibration_base, on=calibration)['kld'])}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .backends.hf import dtype_name
+
 MARKER = "twin.json"  # in the twin's directory: what it was made from
 READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
@@ -93,7 +95,7 @@ def write_twin(source: Path, target: Path, seed: int, dtype: torch.dtype) -> Pat
         if item.is_file() and not item.name.startswith("model") and item.suffix != ".safetensors":
             shutil.copy(item, target / item.name)
     config = json.loads((Path(files.root) / "config.json").read_text())
-    config.update(tie_word_embeddings=False, torch_dtype=str(dtype).removeprefix("torch."))
+    config.update(tie_word_embeddings=False, torch_dtype=dtype_name(dtype))
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     with atomic_path(target / "model.safetensors") as temp:
         save_file(twin, str(temp), metadata={"format": "pt"})

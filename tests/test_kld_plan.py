@@ -607,6 +607,30 @@ def test_replayed_layers_give_the_full_forward_kld_and_the_model_is_left_as_it_w
     assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
+def test_a_swap_gives_each_tensors_error_only_when_asked_and_the_same_values_either_way():
+    """swapped(errors=...) records each entry's relative error (quantizers.weighted_error of the round trip);
+    without it no error is computed, and the swapped values are the same."""
+    from ewq.experts import ModelTensors
+    from ewq.llamacpp.quantizers import round_trip, weighted_error
+    from ewq.quant_types import LlamaType
+    from ewq.sensitivity.swap import swapped
+
+    model = tiny_llama(num_layers=2)
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    entries = [plan_entry(model, name) for name in names]
+    original = {name: model.get_parameter(name).detach().float().numpy().copy() for name in names}
+    changes = [(e, LlamaType.Q4_K if e.ncols % 256 == 0 else LlamaType.Q4_0) for e in entries]
+    values, errors = [], {}
+    for asked in (errors, None):
+        with torch.inference_mode(), swapped(ModelTensors(model), changes, None, asked):
+            values.append({name: model.get_parameter(name).clone() for name in names})
+    assert all(torch.equal(values[0][name], values[1][name]) for name in names)
+    for entry, llama_type in changes:
+        expected = weighted_error(original[entry.hf_name], round_trip(original[entry.hf_name], llama_type))
+        assert errors[entry.hf_name] == pytest.approx(expected, rel=1e-9) and expected > 0
+        assert not torch.equal(values[1][entry.hf_name], model.get_parameter(entry.hf_name))  # restored
+
+
 def test_a_groups_marginal_in_context_is_the_plans_kld_less_the_plans_without_it_and_the_model_is_restored():
     """in_context against its definition: every marginal is KLD(plan) − KLD(plan without the group), each
     measured here by swapping the plan afresh; in llama.cpp's arithmetic the group's inputs are no longer

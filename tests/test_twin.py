@@ -126,3 +126,14 @@ def test_an_unknown_off_grid_variant_is_refused_in_one_line_naming_it(capsys):
         off_grid.main(["--variants", "kld,klld", "--out-dir", "/nonexistent/never-written"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "klld: not among kld, kld weights" in err and "Traceback" not in err
+
+
+def test_an_unknown_off_grid_preset_is_refused_in_one_line_naming_it(capsys):
+    """--presets takes llama.cpp's five mixes; a bad one stops before any model is written."""
+    from benchmarks import off_grid
+
+    assert off_grid.preset_list("Q3_K_M,Q6_K") == ["Q3_K_M", "Q6_K"]
+    with pytest.raises(SystemExit) as stop:
+        off_grid.main(["--presets", "Q4_K_M,Q4_K_L", "--out-dir", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Q4_K_L: not among Q3_K_M, Q4_K_S" in err and "Traceback" not in err

@@ -23,6 +23,11 @@ from .base import Backend, Generation
 
 PAD_ID = 0  # never attended to by a real position (after it, or masked), so any id will do
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """torch.bfloat16 -> "bfloat16" (the names of DTYPES, and of config.json's torch_dtype)."""
+    return str(dtype).removeprefix("torch.")
 # first sizes tried with --batch-size auto (measured on CPU: README). Scoring is compute-bound on CPU,
 # where batches gain little; decoding one token per sequence is bound by reading the weights, so
 # sequences decoded together share that cost (the full preset's 26 texts: 69 s at 16, 268 s one at a time)
@@ -45,7 +50,7 @@ def checkpoint_dtype(model_dir) -> torch.dtype | None:
     except (OSError, ValueError):
         return None
     name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    return DTYPES.get(str(name).removeprefix("torch."))
+    return DTYPES.get(dtype_name(name))
 
 
 def compute_dtype(device: str, requested: str = "auto", model_dir=None) -> torch.dtype:
@@ -221,7 +226,7 @@ class HFBackend(Backend):
         return self._weights_report
 
     def describe(self) -> dict:
-        out = {**super().describe(), "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+        out = {**super().describe(), "dtype": dtype_name(next(self.model.parameters()).dtype)}
         device_map = getattr(self.model, "hf_device_map", None)
         if device_map and len(set(device_map.values())) > 1:
             out["device_map"] = {str(k): str(v) for k, v in device_map.items()}
@@ -233,4 +238,4 @@ def dense_weights_report(model) -> WeightsReport:
     params = list(model.parameters())
     return WeightsReport(weight_bytes=sum(p.numel() * p.element_size() for p in params),
                          n_weights=sum(p.numel() for p in params),
-                         details={"dtype": str(params[0].dtype).removeprefix("torch.")})
+                         details={"dtype": dtype_name(params[0].dtype)})

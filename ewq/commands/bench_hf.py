@@ -74,7 +74,7 @@ def ewq_main(argv=None) -> None:
 
     model, not_applicable = bnb_model.load_quantized(files, plan, device, dtype, args.device_map)
     report = bnb_model.read_back(model, plan, not_applicable)
-    report.details["dtype"] = str(dtype).removeprefix("torch.")
+    report.details["dtype"] = hf.dtype_name(dtype)
     log(f"bitsandbytes read-back: {report.bits_per_weight:.2f} bits/weight, {report.weight_bytes / 2**20:.1f} MiB")
     backend = hf.HFBackend(model, device, "ewq-bnb", report, args.batch_size)
     path = bench.run(spec, backend, tokenizer, extra={"plan_hash": plan.plan_hash, "plan_file": str(plan_file),

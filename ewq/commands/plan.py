@@ -146,7 +146,7 @@ def main(argv=None):
                         calibration_windows=args.calibration_windows, calibration_context=args.calibration_context,
                         sensitivity_band=args.sensitivity_band, correction_band=args.correction_band,
                         allocator=Allocator(args.allocator or Allocator.OPTIMIZED.value),  # threshold plans drop it
-                        measure_dtype=None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch."),
+                        measure_dtype=None if dtype in (None, torch.float32) else hf.dtype_name(dtype),
                         kld_arithmetic=Arithmetic(args.kld_arithmetic or Arithmetic.CPU.value) if score is Score.KLD else None)
     check_writable_dir(args.out_dir)
     if args.dry_run:

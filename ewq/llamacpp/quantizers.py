@@ -105,8 +105,7 @@ def round_trip(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | 
 def relative_error(matrix: np.ndarray, llama_type: LlamaType, imatrix: np.ndarray | None = None) -> float:
     """The relative error (see weighted_error) of `matrix` quantized to `llama_type`."""
     error, energy = quantization_row_errors(matrix, llama_type, imatrix)
-    total = float(energy.sum())
-    return float(error.sum()) / total if total > 0 else 0.0
+    return ratio(error.sum(), energy.sum())
 
 
 def quantization_row_errors(matrix: np.ndarray, llama_type: LlamaType,
@@ -141,13 +140,17 @@ def row_errors(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | Non
     return error, energy
 
 
+def ratio(error: float, energy: float) -> float:
+    """error / energy, a relative error; 0 where the energy is 0 (an all-zero tensor loses nothing)."""
+    return float(error) / float(energy) if energy > 0 else 0.0
+
+
 def weighted_error(matrix: np.ndarray, approx: np.ndarray, imatrix: np.ndarray | None = None) -> float:
     """sum_j a_j sum_i (w_ij - q_ij)^2 / sum_j a_j sum_i w_ij^2, with a = importance (1 if none):
     the expected relative squared error of the layer's output for inputs of that energy. Over a
     stack of experts [experts, rows, cols], the sums run over every expert (each its own a)."""
     error, energy = row_errors(matrix, approx, imatrix)
-    total = float(energy.sum())
-    return float(error.sum()) / total if total > 0 else 0.0
+    return ratio(error.sum(), energy.sum())
 
 
 class ImportanceMatrix:

@@ -10,7 +10,7 @@ The predicted ΔKLD of an option is α_t · e_t(q), α_t measured per tensor (ew
 
 A tensor of more than SAMPLE_ABOVE weights (an 8B model's embedding and MLP matrices) has e_t(q) measured on
 a seeded sample of whole rows holding at least SAMPLE_WEIGHTS weights: llama.cpp quantizes rows
-independently, so each sampled row's error is exact, and the estimate's relative SE (ratio) is recorded
+independently, so each sampled row's error is exact, and the estimate's relative SE (sampled_ratio) is recorded
 with it; bytes stay exact. Every matrix goes through in chunks of rows, so the host memory beyond the
 tensor read is a few chunks per thread.
 
@@ -32,7 +32,7 @@ import torch
 
 from ..console import log
 from ..fileio import ensure_writable_dir, read_cache, write_json_atomic
-from ..llamacpp.quantizers import ImportanceMatrix, quantization_row_errors, row_errors
+from ..llamacpp.quantizers import ImportanceMatrix, quantization_row_errors, ratio, row_errors
 from ..quant_types import BNB_MENU, NF4_BLOCKSIZE, LlamaType, Precision, bnb_bits, gguf_menu
 from .entries import TensorEntry
 
@@ -76,7 +76,7 @@ class Estimate:
         return None if self.rows is None else {"rows": self.rows, "of": self.of, "relative_se": self.relative_se}
 
 
-def ratio(error: np.ndarray, energy: np.ndarray, population: int) -> tuple[float, float]:
+def sampled_ratio(error: np.ndarray, energy: np.ndarray, population: int) -> tuple[float, float]:
     """Σ error / Σ energy over the rows measured (per-row sums, row_errors; over a stack a row index is
     one unit, its experts summed), and the estimate's relative SE when those rows are a simple random
     sample of `population` rows: the linearised ratio estimator's sqrt((1 − n/N)/n) · sd(errorᵢ −
@@ -84,8 +84,7 @@ def ratio(error: np.ndarray, energy: np.ndarray, population: int) -> tuple[float
     llama.cpp, so each sampled row's error is exact: the SE is the sampling error alone."""
     if error.ndim == 2:
         error, energy = error.sum(axis=0), energy.sum(axis=0)
-    total = float(energy.sum())
-    e = float(error.sum()) / total if total > 0 else 0.0
+    e = ratio(error.sum(), energy.sum())
     n = error.size
     if n >= population or n < 2 or e == 0.0:
         return e, 0.0
@@ -101,7 +100,8 @@ def _estimate(entry: TensorEntry, values: torch.Tensor, sums, options: list, wor
     matrix = taken.float().numpy()  # float32 [rows, cols] or [slices, rows, cols]: the sample only
     population = entry.shape[-2]
     with ThreadPoolExecutor(max_workers=min(len(options), workers)) as pool:
-        measured = dict(zip(options, pool.map(lambda option: ratio(*sums(matrix, option), population), options)))
+        estimates = pool.map(lambda option: sampled_ratio(*sums(matrix, option), population), options)
+        measured = dict(zip(options, estimates))
     errors = {option: e for option, (e, _) in measured.items()}
     if rows is None:
         return Estimate(errors)

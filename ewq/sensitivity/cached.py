@@ -136,7 +136,9 @@ class CachedSensitivity:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        from ..backends.hf import dtype_name
+
+        return dtype_name(self.dtype)
 
     @cached_property
     def tokens(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from ..console import progress
 from ..experts import ModelTensors
 from ..llamacpp import activations
-from ..llamacpp.quantizers import ImportanceMatrix, row_chunks
+from ..llamacpp.quantizers import ImportanceMatrix, ratio, row_chunks
 from ..metrics.kld import token_kld
 from ..quant_types import Arithmetic, LlamaType, activation_type, gguf_menu
 from ..rearranged import Part
@@ -266,8 +266,7 @@ class SensitivityService:
             weight = module.weight.detach()  # ‖wⱼ‖², [in], summed a chunk of rows at a time (a head is large)
             column_energy = sum((weight[rows].double() ** 2).sum(dim=0) for rows in row_chunks(*weight.shape))
             energy = float(sums_of["x"] @ column_energy)
-            errors[name] = {a.value: float(sums_of[a] @ column_energy) / energy if energy > 0 else 0.0
-                            for a in sums_of if a != "x"}
+            errors[name] = {a.value: ratio(sums_of[a] @ column_energy, energy) for a in sums_of if a != "x"}
         return errors
 
     @torch.inference_mode()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..experts import ModelTensors
-from ..llamacpp.quantizers import ImportanceMatrix, round_trip, row_chunks, row_errors, weighted_error
+from ..llamacpp.quantizers import ImportanceMatrix, ratio, round_trip, row_chunks, row_errors, weighted_error
 from ..quant_types import LlamaType
 
 if TYPE_CHECKING:  # annotations only: ewq.plan's scores import this module
@@ -39,21 +39,23 @@ def exact_copy(values: torch.Tensor) -> torch.Tensor:
     return values.clone()
 
 
-def round_trip_in_place(matrix: torch.Tensor, llama_type: LlamaType, importance: np.ndarray | None) -> float:
+def round_trip_in_place(matrix: torch.Tensor, llama_type: LlamaType, importance: np.ndarray | None,
+                        with_error: bool = True) -> float | None:
     """Replace a [rows, cols] parameter's values by their round trip, chunks of rows on as many threads as
     there are cores (llama.cpp's quantizer runs outside the GIL; the chunks are disjoint rows), on the
-    parameter's own device and in its own dtype; returns their relative error (quantizers.weighted_error)."""
+    parameter's own device and in its own dtype; returns their relative error (quantizers.weighted_error),
+    or None without `with_error` (its float64 sums cost about 5% of a K-quant's round trip)."""
     def chunk(rows: slice) -> tuple[float, float]:
         original = matrix[rows].float().cpu().numpy()
         approx = round_trip(original, llama_type, importance)
-        error, energy = row_errors(original, approx, importance)
+        # before the assignment: a float32 parameter's `original` is a view of it
+        sums = tuple(float(s.sum()) for s in row_errors(original, approx, importance)) if with_error else (0.0, 0.0)
         matrix[rows] = torch.from_numpy(approx).to(device=matrix.device, dtype=matrix.dtype)
-        return float(error.sum()), float(energy.sum())
+        return sums
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         sums = list(pool.map(chunk, row_chunks(*matrix.shape)))
-    energy = sum(e for _, e in sums)
-    return sum(e for e, _ in sums) / energy if energy > 0 else 0.0
+    return ratio(sum(e for e, _ in sums), sum(e for _, e in sums)) if with_error else None
 
 
 @contextmanager
@@ -75,14 +77,14 @@ def swapped(tensors: ModelTensors, changes: Iterable[Change], imatrix: Importanc
                 matrix = tensors.view(entry.hf_name, tuple(entry.shape))
                 if restore:
                     saved.append((entry, exact_copy(matrix)))
-                error = round_trip_in_place(matrix, llama_type, importance)
+                error = round_trip_in_place(matrix, llama_type, importance, with_error=errors is not None)
             else:  # a stack of experts or a part: through a copy of its values
                 values = tensors.values(entry)
                 if restore:
                     saved.append((entry, values))
                 original = values.float().cpu().numpy()
                 approx = round_trip(original, llama_type, importance)
-                error = weighted_error(original, approx, importance)
+                error = weighted_error(original, approx, importance) if errors is not None else None
                 del values, original
                 tensors.assign(entry, torch.from_numpy(np.ascontiguousarray(approx)))
             if errors is not None and entry.hf_name not in errors:
