@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -46,25 +47,20 @@ VARIANTS = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "wei
             "error": ("error", ()), "pr15550": ("pr15550", ()), "entropy": ("entropy", ())}
 
 
-def variant_list(text: str) -> list[str]:
-    """--variants: comma-separated labels of VARIANTS (an unknown one is an argparse error that names it)."""
-    labels = [label.strip() for label in text.split(",") if label.strip()]
-    unknown = [label for label in labels if label not in VARIANTS]
-    if unknown or not labels:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not among {', '.join(VARIANTS)}")
-    return labels
+def comma_list(allowed: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names among `allowed` (an unknown one is an argparse error that
+    names it)."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not among {', '.join(allowed)}")
+        return names
+    return parse
 
 
 PRESETS = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")  # llama.cpp's mixes whose sizes the plans are made at
-
-
-def preset_list(text: str) -> list[str]:
-    """--presets: comma-separated names of PRESETS (an unknown one is an argparse error that names it)."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PRESETS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not among {', '.join(PRESETS)}")
-    return names
+variant_list, preset_list = comma_list(VARIANTS), comma_list(PRESETS)  # --variants, --presets
 
 
 def grid_step(matrix: torch.Tensor) -> tuple[str, torch.Tensor]:
