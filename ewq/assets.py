@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
-from .fileio import atomic_path
+from .fileio import atomic_path, staged_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("EWQ_CACHE", REPO_ROOT / ".cache"))
@@ -163,15 +163,9 @@ def dequantized(gguf_path: Path, target: Path, name: str) -> Path:
         del model.config.quantization_config
     model = model.to(torch.float16)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     gguf_path.unlink()  # no longer needed
     return target
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,6 +89,23 @@ def atomic_path(target: Path):
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_dir(target: Path, prefix: str = ".staging-"):
+    """Yield an empty directory beside `target` to fill; on success it replaces `target` (a directory) by a
+    rename, on failure it is removed. It gets the umask's usual mode, not mkdtemp's 0700, so that a model
+    or a source tree put in place is readable by whoever could read its parent."""
+    target = Path(target)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        staging.chmod(0o777 & ~_umask())
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _umask() -> int:

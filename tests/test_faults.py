@@ -296,6 +296,27 @@ def test_stale_partials_of_dead_writers_are_removed(tmp_path):
     assert live.exists() and not stale.exists()
 
 
+def test_staged_dir_replaces_the_target_with_the_umask_mode_or_leaves_it(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError):
+        with results.staged_dir(target) as staging:
+            (staging / "half.bin").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging directory left behind
+    assert [p.name for p in target.iterdir()] == ["old.bin"]
+    mask = os.umask(0o022)
+    try:
+        with results.staged_dir(target) as staging:
+            (staging / "new.bin").write_text("new")
+    finally:
+        os.umask(mask)
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert target.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: others may read a model put in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 # --- large but legal inputs ------------------------------------------------------------------
 
 def plan_of(model_dir, tmp_path):

@@ -194,3 +194,40 @@ def test_the_cpu_build_holds_no_amx_kernels():
         pytest.skip("AMX is an x86 extension")
     library = (toolchain.BUILD_DIR / "bin" / "libggml-cpu.so").read_bytes()
     assert b"tinygemm_kernel_amx" not in library and b"ggml_backend_amx_buffer_type" not in library
+
+
+def test_the_source_package_is_unpacked_whole_and_readable(tmp_path, monkeypatch):
+    """toolchain.unpack_source: the sdist's vendored llama.cpp (without its models/) and its llama_cpp package,
+    each moved into place whole, with the umask's mode (not mkdtemp's 0700)."""
+    import io
+    import os
+    import tarfile
+
+    from ewq.llamacpp import toolchain
+
+    root = "llama_cpp_python-0.3.36"
+    members = {f"{root}/vendor/llama.cpp/CMakeLists.txt": b"project(llama)",
+               f"{root}/vendor/llama.cpp/models/ggml-vocab.gguf": b"large",
+               f"{root}/llama_cpp/__init__.py": b"", f"{root}/setup.py": b""}
+
+    def fake_download(spec, directory, source=False):
+        assert source and spec == toolchain.SDIST_SPEC
+        path = Path(directory) / f"{root}.tar.gz"
+        with tarfile.open(path, "w:gz") as archive:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        return path
+
+    monkeypatch.setattr(toolchain, "pip_download", fake_download)
+    source, python = tmp_path / "llama.cpp" / "src", tmp_path / "llama.cpp" / "python"
+    mask = os.umask(0o022)
+    try:
+        assert toolchain.unpack_source(source, python) == source
+    finally:
+        os.umask(mask)
+    assert sorted(p.name for p in source.iterdir()) == ["CMakeLists.txt"]  # models/ left out
+    assert (python / "llama_cpp" / "__init__.py").is_file()
+    assert source.stat().st_mode & 0o777 == python.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in source.parent.iterdir()) == ["python", "src"]  # no staging left

@@ -24,15 +24,16 @@ from .base import Backend, Generation
 PAD_ID = 0  # never attended to by a real position (after it, or masked), so any id will do
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """torch.bfloat16 -> "bfloat16" (the names of DTYPES, and of config.json's torch_dtype)."""
-    return str(dtype).removeprefix("torch.")
 # first sizes tried with --batch-size auto (measured on CPU: README). Scoring is compute-bound on CPU,
 # where batches gain little; decoding one token per sequence is bound by reading the weights, so
 # sequences decoded together share that cost (the full preset's 26 texts: 69 s at 16, 268 s one at a time)
 AUTO_BATCH = {"cpu": 4, "cuda": 64}
 AUTO_DECODE_BATCH = {"cpu": 16, "cuda": 64}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """torch.bfloat16 -> "bfloat16" (the names of DTYPES, and of config.json's torch_dtype)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(requested: str) -> str:

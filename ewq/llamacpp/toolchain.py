@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..assets import CACHE_DIR, pip_download
 from ..errors import ToolError, UserError
+from ..fileio import staged_dir
 
 SDIST_SPEC = "llama-cpp-python==0.3.36"
 LLAMA_DIR = CACHE_DIR / "llama.cpp"
@@ -65,7 +66,8 @@ def unpack_source(target: Path = SOURCE_DIR, python_target: Path = PYTHON_DIR) -
     both from one download of the source package (each moved into place whole)."""
     if (target / "CMakeLists.txt").is_file() and (python_target / "llama_cpp" / "__init__.py").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for directory in (target.parent, python_target.parent):
+        directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download_dir:
         sdist = pip_download(SDIST_SPEC, Path(download_dir), source=True)
         root = sdist.name.removesuffix(".tar.gz")
@@ -73,19 +75,14 @@ def unpack_source(target: Path = SOURCE_DIR, python_target: Path = PYTHON_DIR) -
             if destination.exists():
                 continue
             keep = "llama_cpp/" if destination is python_target else ""
-            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
-            try:
-                with tarfile.open(sdist) as archive:
-                    members = []
-                    for member in archive.getmembers():
-                        if member.name.startswith(prefix) and not member.name.startswith(prefix + "models/"):
-                            member.name = keep + member.name[len(prefix):]
-                            if member.name:
-                                members.append(member)
-                    archive.extractall(staging, members=members, filter="data")
-                staging.rename(destination)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            with staged_dir(destination, ".unpack-") as staging, tarfile.open(sdist) as archive:
+                members = []
+                for member in archive.getmembers():
+                    if member.name.startswith(prefix) and not member.name.startswith(prefix + "models/"):
+                        member.name = keep + member.name[len(prefix):]
+                        if member.name:
+                            members.append(member)
+                archive.extractall(staging, members=members, filter="data")
     return target
 
 
