@@ -13,11 +13,13 @@ Then, as the issue asks: one importance matrix (calibration-role text), llama.cp
 of --presets), and at its tensor bytes the plans by kld (in llama.cpp's CPU arithmetic, by the weights' error alone,
 with a correction round over bands of 5 layers, and measured on 8 calibration windows instead of 2), error,
 pr15550 and entropy (--variants: some of them), each file measured by llama-perplexity --kl-divergence
-against the F16 file on evaluation-role text the calibration never saw; then each kld plan's predicted
-KLD against what it measures in the HF model and in llama.cpp, on calibration and on evaluation text.
+against the F16 file on evaluation-role text the calibration never saw, with llama-perplexity's SE (every
+token independent), the SE across chunks (which text was read) and the ratio to the preset paired over
+chunks; then each kld plan's predicted KLD against what it measures in the HF model and in llama.cpp, on
+--prediction-chunks of calibration and of evaluation text.
 
     python -m benchmarks.off_grid [--stand-in noise|twin] [--source default|qwen] [--out-dir DIR] [--seed 0]
-                                  [--chunks 24] [--allocator optimized|ranked] [--variants kld,error,...]
+                                  [--chunks 24] [--prediction-chunks 128] [--allocator optimized|ranked] [--variants kld,error,...]
                                   [--presets Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K]
 
 --source qwen takes the twin of the second architecture, Qwen2.5-Coder-0.5B-Instruct (`python -m
@@ -39,6 +41,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32  # weights per block of Q4_1 and Q8_0, along a row
 NOISE_STEPS = 0.4  # the noise's standard deviation, in grid steps of its row
+# The prediction is checked on more text than the file table reads: over 24 chunks the twin's Q4_K_M cost 1.29x
+# more on evaluation than on calibration text, over 128 chunks 1.09x (docs/results.md): which 24 chunks were read
+# moves a file's KLD by more than llama-perplexity's per-token SE says
+PREDICTION_CHUNKS = 128
 CORRECTION_BAND = 5  # of the kld plan with a correction round: each tensor kind over bands of 5 layers
 # label -> (score, further plan arguments): the plans made at a preset's tensor bytes
 VARIANTS = {"kld": ("kld", ()), "kld weights": ("kld", ("--kld-arithmetic", "weights")),
@@ -137,7 +143,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", type=Path, help="where the stand-in model and its files are kept "
                         "(default: .cache/off-grid-[qwen-]noise-<seed>, .cache/off-grid-[qwen-]twin-<seed>)")
     parser.add_argument("--seed", type=int, default=0, help="of the noise, or of the twin's rotation")
-    parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text")
+    parser.add_argument("--chunks", type=int, default=24, help="512-token chunks of evaluation text of the file table")
+    parser.add_argument("--prediction-chunks", type=int, default=PREDICTION_CHUNKS,
+                        help="512-token chunks of calibration and of evaluation text on which each kld plan's "
+                             f"prediction is checked (default {PREDICTION_CHUNKS})")
     parser.add_argument("--allocator", choices=("optimized", "ranked"), default="optimized",
                         help="of the error and entropy plans (the kld plan is always optimized)")
     parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
@@ -159,6 +168,7 @@ def main(argv=None) -> None:
     from ewq.llamacpp import gguf_read
     from ewq.llamacpp import tools as llama_tools
     from ewq.fileio import write_text_atomic
+    from ewq.metrics import stats
 
     out, threads, context = args.out_dir, torch.get_num_threads(), 512
     model = out / "model"
@@ -186,13 +196,19 @@ def main(argv=None) -> None:
     text = out / "eval.txt"
     if not text.is_file():
         write_text_atomic(text, wiki.eval_text(assets.wiki_file()))
-    base = out / "F16.kld-base"
+    base = out / f"F16-{args.chunks}.kld-base"
 
-    def measure(gguf: Path, write_base: bool = False, against: Path = base, on: Path = text) -> dict:
-        return llama_tools.llama_perplexity(gguf, on, context, args.chunks, threads, against, write_base)
+    def measure(gguf: Path, write_base: bool = False, against: Path = base, on: Path = text,
+                chunks: int = args.chunks) -> dict:
+        return llama_tools.llama_perplexity(gguf, on, context, chunks, threads, against, write_base)
 
     def figure(value: dict | None) -> str:
         return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
+
+    def to_preset(measured: dict, preset_measured: dict) -> str:
+        """The KLD's ratio to its preset's, paired over the chunks both read."""
+        ratio = stats.paired_ratio(measured["kld_per_chunk"], preset_measured["kld_per_chunk"])
+        return f"{ratio.mean:.3f} ± {ratio.se:.3f}"
 
     print(f"evaluation text: {args.chunks} x {context} tokens (llama-perplexity: scored second half of each chunk)")
     f16_ppl = measure(f16, write_base=True)["ppl"]
@@ -203,42 +219,64 @@ def main(argv=None) -> None:
     moved = measure(f16, against=source_base)
     print(f"source F16 ({source.name}): PPL {figure(source_ppl)}; off-grid F16 against it: KLD "
           f"{figure(moved.get('kld'))}")
-    print(f"{'size of':8} {'file':10} {'tensor bytes':>12} {'bpw':>6} {'KLD vs its F16':>22} {'KLD p99':>9} {'same top-1 %':>16} "
-          f"{'RMS Δp %':>16} {'PPL ratio':>18}")
+    print("KLD ± llama-perplexity's SE (every token independent), ± the SE across chunks; the ratio to the preset "
+          "paired over chunks")
+    print(f"{'size of':8} {'file':10} {'tensor bytes':>12} {'bpw':>6} {'KLD vs its F16':>22} {'± chunks':>9} "
+          f"{'/ preset':>15} {'KLD p99':>9} {'same top-1 %':>16} {'RMS Δp %':>16} {'PPL ratio':>18}")
+    measured_files = {}
     for (preset, label), path in files.items():
-        measured = measure(path)
+        measured_files[preset, label] = measured = measure(path)
         weights_read = gguf_read.describe(path)
         p99 = measured.get("kld_p99")
         print(f"{preset if label == preset else '':8} {label:10} {weights_read.weight_bytes:>12,} {weights_read.bits_per_weight:>6.3f} "
-              f"{figure(measured.get('kld')):>22} {p99['mean'] if p99 else float('nan'):>9.5f} "
+              f"{figure(measured.get('kld')):>22} {measured['kld_chunks']['se']:>9.5f} "
+              f"{to_preset(measured, measured_files[preset, preset]):>15} {p99['mean'] if p99 else float('nan'):>9.5f} "
               f"{figure(measured.get('same_top1_pct')):>16} {figure(measured.get('rms_dp_pct')):>16} "
               f"{figure(measured.get('ppl_ratio')):>18}")
 
 
     # item 3 of the issue: each kld plan's predicted KLD (calibration windows, sum over tensors) against its
     # whole-plan measurements: in the HF model on those windows, and by llama-perplexity on calibration text
-    # (the importance matrix's, whose first windows the sensitivities were measured on) and on evaluation text
-    calibration, calibration_base = calibration_file(out), out / "F16-calibration.kld-base"
-    measure(f16, write_base=True, against=calibration_base, on=calibration)
+    # (the importance matrix's, whose first windows the sensitivities were measured on) and on evaluation text,
+    # --prediction-chunks of each; measured / predicted ± the SE across chunks over the prediction
+    chunks = args.prediction_chunks
+    calibration = calibration_file(out)
+    calibration_base, evaluation_base = out / f"F16-calibration-{chunks}.kld-base", out / f"F16-{chunks}.kld-base"
+    for written, on in ((calibration_base, calibration), (evaluation_base, text)):
+        if not written.is_file():  # kept with the F16 file it was written from
+            measure(f16, write_base=True, against=written, on=on, chunks=chunks)
+
+    def against_prediction(measured: dict, predicted: float) -> str:
+        return (f"{measured['kld']['mean']:>9.5f} ({measured['kld']['mean'] / predicted:.2f} ± "
+                f"{measured['kld_chunks']['se'] / predicted:.2f})")
+
+    measured_long = {}  # (preset, label) -> on evaluation text, over the prediction's chunks
     print(f"{'size of':8} {'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
-          f"{'llama.cpp, evaluation':>24}   (measured / predicted)")
+          f"{'llama.cpp, evaluation':>24}   (measured / predicted; llama.cpp on {chunks} x {context} tokens of each)")
     for preset, label in [key for key in plans if VARIANTS[key[1]][0] == "kld"]:
         from ewq.plan.files import load_plan
 
         gguf_budget = load_plan(plans[preset, label]).budget.gguf
         predicted = gguf_budget.predicted_kld
-        on_calibration = measure(files[preset, label], against=calibration_base, on=calibration)["kld"]["mean"]
-        on_evaluation = measure(files[preset, label])["kld"]["mean"]
+        on_calibration = measure(files[preset, label], against=calibration_base, on=calibration, chunks=chunks)
+        on_evaluation = measured_long[preset, label] = measure(files[preset, label], against=evaluation_base,
+                                                               chunks=chunks)
         print(f"{preset:8} {label:12} {predicted:>9.5f} {gguf_budget.measured_kld_calibration:>9.5f} "
-              f"({gguf_budget.measured_kld_calibration / predicted:.2f}) {on_calibration:>16.5f} "
-              f"({on_calibration / predicted:.2f}) {on_evaluation:>16.5f} ({on_evaluation / predicted:.2f})")
+              f"({gguf_budget.measured_kld_calibration / predicted:.2f}) {against_prediction(on_calibration, predicted):>24} "
+              f"{against_prediction(on_evaluation, predicted):>24}")
         if gguf_budget.first_predicted_kld is not None:
             print(f"{'':21} its first allocation: {gguf_budget.first_predicted_kld:.5f} predicted, "
                   f"{gguf_budget.first_measured_kld_calibration:.5f} measured in the HF model on calibration windows "
                   f"({gguf_budget.first_measured_kld_calibration / gguf_budget.first_predicted_kld:.2f})")
     for preset in args.presets:
-        print(f"{preset} on calibration text: "
-              f"{figure(measure(files[preset, preset], against=calibration_base, on=calibration)['kld'])}")
+        on_calibration = measure(files[preset, preset], against=calibration_base, on=calibration, chunks=chunks)
+        on_evaluation = measure(files[preset, preset], against=evaluation_base, chunks=chunks)
+        print(f"{preset} over {chunks} chunks: calibration text {figure(on_calibration['kld_chunks'])}, evaluation text "
+              f"{figure(on_evaluation['kld_chunks'])} (± across chunks)")
+        for (plan_preset, label), measured in measured_long.items():
+            if plan_preset == preset:
+                print(f"  {label}: {to_preset(measured, on_evaluation)} of {preset}'s KLD on these {chunks} chunks of "
+                      f"evaluation text (paired over chunks)")
 
 
 if __name__ == "__main__":

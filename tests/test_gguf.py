@@ -1,5 +1,6 @@
 """The GGUF half end to end: files built from source tools, plans proven, backends cross-checked."""
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,9 @@ def test_our_kld_and_ppl_agree_with_llama_perplexity(pipeline, tmp_path):
         assert abs(theirs["ppl"]["mean"] / our_ppl - 1) < 0.03, (variant, theirs["ppl"], our_ppl)
         if variant == "gguf-f16":
             continue
+        # the chunk table llama-perplexity prints as it goes: every chunk, averaging to its final mean
+        assert theirs["kld_chunks"]["n"] == chunks, (variant, theirs["kld_chunks"])
+        assert abs(theirs["kld_chunks"]["mean"] - theirs["kld"]["mean"]) < 1e-5 * chunks, (variant, theirs)
         our_kld = even_windows(ours["per_window_kld"])
         tolerance = 3 * (theirs["kld"]["se"] + our_kld.se) + 0.15 * our_kld.mean
         assert abs(theirs["kld"]["mean"] - our_kld.mean) < tolerance, (variant, theirs["kld"], our_kld)
@@ -167,6 +171,25 @@ Same top p: 86.080 ± 0.441 %
     assert parsed["ppl_ratio"] == {"mean": 1.031359, "se": 0.004457}
     assert parsed["rms_dp_pct"] == {"mean": 5.123, "se": 0.21} and parsed["same_top1_pct"]["mean"] == 86.08
     assert llama_tools.parse_perplexity("Final estimate: PPL = 24.0 +/- 0.9") == {"ppl": {"mean": 24.0, "se": 0.9}}
+
+
+def test_each_chunks_kld_is_recovered_from_llama_perplexitys_running_means():
+    """llama-perplexity prints, after each chunk, the running means over the chunks so far; chunk k's own KLD is
+    k·m_k − (k−1)·m_(k−1), and the SE across chunks is the sample SD of those over √n."""
+    own = [0.04000, 0.06000, 0.05000, 0.09000]
+    rows = []
+    for k in range(1, len(own) + 1):
+        running = sum(own[:k]) / k
+        rows.append(f"{k:4d}    {20 + k:9.4f} ± {1.5:9.4f}    {0.01:10.5f} ± {0.002:10.5f}    {running:10.5f} ± "
+                    f"{0.003:10.5f}    {5.1:6.3f} ± {0.2:6.3f} %   {86.0:6.3f} ± {0.5:6.3f} %")
+    printed = ("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS"
+               "            Same top p\n" + "\n".join(rows) + "\n\nMean    KLD:   0.060000 ±   0.000700\n")
+    assert llama_tools.chunk_klds(printed) == pytest.approx(own, abs=1e-4)
+    across = llama_tools.parse_perplexity(printed)["kld_chunks"]
+    assert across["n"] == 4 and across["mean"] == pytest.approx(0.06, abs=1e-5)
+    assert across["se"] == pytest.approx(statistics.stdev(own) / 2, abs=1e-4)
+    with pytest.raises(ValueError, match="not chunks 1..2"):
+        llama_tools.chunk_klds("\n".join(rows[1:3]))
 
 
 def test_the_bindings_load_the_very_library_the_tools_were_built_with():

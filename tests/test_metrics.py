@@ -10,7 +10,7 @@ from ewq.data import mmlu as mmlu_data
 from ewq.data.prompts import Request, Task
 from ewq.errors import UserError
 from ewq.metrics import generation, mmlu, perplexity, stats, textsim
-from ewq.metrics.stats import bootstrap_se, mean_se, paired_difference, percentile, proportion_se
+from ewq.metrics.stats import bootstrap_se, mean_se, paired_difference, paired_ratio, percentile, proportion_se
 
 
 def test_mean_se_hand_checked():
@@ -26,6 +26,24 @@ def test_proportion_and_paired_difference():
     assert diff.mean == -0.25 and diff.se == pytest.approx(0.25) and diff.significant_2se is False
     with pytest.raises(ValueError):
         paired_difference([1, 2], [1])
+
+
+def test_paired_ratio_cancels_what_the_items_share():
+    """Items that differ a lot among themselves (texts of varying difficulty) but whose variant / reference
+    ratio is steady: the paired ratio's SE is small, and matches a bootstrap of the ratio of means."""
+    rng = np.random.default_rng(0)
+    reference = rng.lognormal(size=300)
+    variant = 0.6 * reference * rng.normal(1.0, 0.05, size=300)
+    ratio = paired_ratio(list(variant), list(reference))
+    assert ratio.mean == pytest.approx(variant.mean() / reference.mean()) and ratio.n == 300
+    pairs = list(zip(variant, reference))
+    boot = bootstrap_se(pairs, lambda s: sum(v for v, _ in s) / sum(r for _, r in s), rounds=400)
+    assert ratio.se == pytest.approx(boot, rel=0.2)
+    unpaired = ratio.mean * math.hypot(mean_se(list(variant)).se / variant.mean(), mean_se(list(reference)).se / reference.mean())
+    assert ratio.se < unpaired / 5
+    assert paired_ratio([1.0], [0.0]).mean is None
+    with pytest.raises(ValueError):
+        paired_ratio([1, 2], [1])
 
 
 def test_percentile_interpolates():

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import assets
 from ..data import wiki
 from ..fileio import atomic_path, write_text_atomic
+from ..metrics import stats
 from ..processes import run_tool
 from . import toolchain
 
@@ -90,9 +91,34 @@ PERPLEXITY_FIGURES = {  # key -> its line; "_pct": llama-perplexity prints a per
 }
 
 
+# a row of the table llama-perplexity --kl-divergence prints after each chunk: the chunk's number, then the
+# running mean ± SE, over the chunks so far, of PPL(Q), ln(PPL(Q)/PPL(base)), KLD, RMS Δp and same top p
+_CHUNK_ROW = re.compile(rf"^\s*(\d+)\s+{_NUMBER}\s*±\s*\S+\s+{_NUMBER}\s*±\s*\S+\s+{_NUMBER}\s*±", re.M)
+
+
+def chunk_klds(text: str) -> list[float]:
+    """Each chunk's own mean KLD, recovered from the running means llama-perplexity prints: chunk k's is
+    k·m_k − (k−1)·m_(k−1). The means carry 5 decimals, so chunk k's value is good to about ±1e-5·k."""
+    rows = [(int(number), float(kld)) for number, _ppl, _ratio, kld in _CHUNK_ROW.findall(text)]
+    if [number for number, _ in rows] != list(range(1, len(rows) + 1)):
+        raise ValueError(f"llama-perplexity's chunk table is not chunks 1..{len(rows)} in order")
+    sums = [number * mean for number, mean in rows]
+    return [total - before for total, before in zip(sums, [0.0] + sums[:-1])]
+
+
 def parse_perplexity(text: str) -> dict:
-    """The figures of PERPLEXITY_FIGURES that a llama-perplexity run printed."""
+    """The figures of PERPLEXITY_FIGURES that a llama-perplexity run printed. Against a base, also
+    "kld_chunks": the KLD's mean over chunks with its SE across chunks ({"mean", "se", "n"}), and
+    "kld_per_chunk", each chunk's own (for comparisons paired over chunks).
+    llama-perplexity's own SE treats every scored token as independent; the tokens of one chunk are
+    not, and which text was read varies from chunk to chunk, so the SE across chunks is the one that says
+    how far another text of the same kind may land."""
     parsed: dict = {}
+    per_chunk = chunk_klds(text)
+    if len(per_chunk) >= 2:
+        across = stats.mean_se(per_chunk)
+        parsed["kld_chunks"] = {"mean": across.mean, "se": across.se, "n": across.n}
+        parsed["kld_per_chunk"] = per_chunk
     for key, pattern in PERPLEXITY_FIGURES.items():
         match = re.search(pattern, text)
         if match:

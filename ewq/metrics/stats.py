@@ -1,4 +1,4 @@
-"""The statistics behind every figure: means, proportions, paired differences with their standard
+"""The statistics behind every figure: means, proportions, paired differences and ratios with their standard
 errors (as results.estimate.Estimate), percentiles, bootstrap errors, rank correlations."""
 from __future__ import annotations
 
@@ -34,6 +34,20 @@ def paired_difference(variant: Sequence[float], reference: Sequence[float]) -> E
     if len(variant) != len(reference):
         raise ValueError(f"paired samples differ in length: {len(variant)} vs {len(reference)}")
     return mean_se([v - r for v, r in zip(variant, reference)])
+
+
+def paired_ratio(variant: Sequence[float], reference: Sequence[float]) -> Estimate:
+    """mean(variant) / mean(reference) over shared items, with its SE by the delta method: the SE of
+    mean(variant − r·reference) over mean(reference), so that what the two share cancels as in a paired
+    difference."""
+    if len(variant) != len(reference):
+        raise ValueError(f"paired samples differ in length: {len(variant)} vs {len(reference)}")
+    base = mean_se(reference).mean
+    if not base:
+        return Estimate(None, None, len(variant))
+    ratio = mean_se(variant).mean / base
+    residual = mean_se([v - ratio * r for v, r in zip(variant, reference)])
+    return Estimate(ratio, None if residual.se is None else residual.se / abs(base), len(variant))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
