@@ -156,6 +156,8 @@ def main(argv=None) -> None:
                         help=f"llama.cpp's presets at whose tensor bytes the plans are made, comma-separated "
                              f"(default: Q4_K_M; all: {','.join(PRESETS)})")
     args = parser.parse_args(argv)
+    if min(args.chunks, args.prediction_chunks) < 2:
+        parser.error("--chunks and --prediction-chunks need 2 chunks at least: the SEs are across chunks")
     if args.source == "qwen" and args.stand_in == "noise":
         parser.error("--source qwen has the twin stand-in only: the noise is sized by Q4_1's and Q8_0's grids, "
                      "and its GGUF was Q4_K_M")

@@ -117,6 +117,17 @@ def test_the_noise_stand_in_of_the_second_architecture_is_refused_in_one_line(ca
     assert stop.value.code == 2 and "twin stand-in only" in capsys.readouterr().err
 
 
+def test_off_grid_refuses_a_single_chunk_in_one_line(capsys, tmp_path):
+    """Every SE it prints is across chunks: one chunk has none, so it stops before any model is written."""
+    from benchmarks import off_grid
+
+    for option in ("--chunks", "--prediction-chunks"):
+        with pytest.raises(SystemExit) as stop:
+            off_grid.main([option, "1", "--out-dir", str(tmp_path / "never-written")])
+        assert stop.value.code == 2 and "2 chunks at least" in capsys.readouterr().err
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_an_unknown_off_grid_variant_is_refused_in_one_line_naming_it(capsys):
     """--variants takes labels of off_grid.VARIANTS; a bad one stops before any model is written."""
     from benchmarks import off_grid
