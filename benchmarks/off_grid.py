@@ -207,6 +207,10 @@ def main(argv=None) -> None:
     def figure(value: dict | None) -> str:
         return f"{value['mean']:.5f} ± {value['se']:.5f}" if value else "-"
 
+    def across_chunks(measured: dict) -> "stats.Estimate":
+        """The KLD's mean over chunks with its SE across chunks."""
+        return stats.mean_se(measured["kld_per_chunk"])
+
     def to_preset(measured: dict, preset_measured: dict) -> str:
         """The KLD's ratio to its preset's, paired over the chunks both read."""
         ratio = stats.paired_ratio(measured["kld_per_chunk"], preset_measured["kld_per_chunk"])
@@ -231,7 +235,7 @@ def main(argv=None) -> None:
         weights_read = gguf_read.describe(path)
         p99 = measured.get("kld_p99")
         print(f"{preset if label == preset else '':8} {label:10} {weights_read.weight_bytes:>12,} {weights_read.bits_per_weight:>6.3f} "
-              f"{figure(measured.get('kld')):>22} {measured['kld_chunks']['se']:>9.5f} "
+              f"{figure(measured.get('kld')):>22} {across_chunks(measured).se:>9.5f} "
               f"{to_preset(measured, measured_files[preset, preset]):>15} {p99['mean'] if p99 else float('nan'):>9.5f} "
               f"{figure(measured.get('same_top1_pct')):>16} {figure(measured.get('rms_dp_pct')):>16} "
               f"{figure(measured.get('ppl_ratio')):>18}")
@@ -250,7 +254,7 @@ def main(argv=None) -> None:
 
     def against_prediction(measured: dict, predicted: float) -> str:
         return (f"{measured['kld']['mean']:>9.5f} ({measured['kld']['mean'] / predicted:.2f} ± "
-                f"{measured['kld_chunks']['se'] / predicted:.2f})")
+                f"{across_chunks(measured).se / predicted:.2f})")
 
     measured_long = {}  # (preset, label) -> on evaluation text, over the prediction's chunks
     print(f"{'size of':8} {'kld plan':12} {'predicted':>9} {'HF, calibration':>15} {'llama.cpp, calibration':>24} "
@@ -273,8 +277,8 @@ def main(argv=None) -> None:
     for preset in args.presets:
         on_calibration = measure(files[preset, preset], against=calibration_base, on=calibration, chunks=chunks)
         on_evaluation = measure(files[preset, preset], against=evaluation_base, chunks=chunks)
-        print(f"{preset} over {chunks} chunks: calibration text {figure(on_calibration['kld_chunks'])}, evaluation text "
-              f"{figure(on_evaluation['kld_chunks'])} (± across chunks)")
+        print(f"{preset} over {chunks} chunks: calibration text {figure(across_chunks(on_calibration).to_json())}, evaluation text "
+              f"{figure(across_chunks(on_evaluation).to_json())} (± across chunks)")
         for (plan_preset, label), measured in measured_long.items():
             if plan_preset == preset:
                 print(f"  {label}: {to_preset(measured, on_evaluation)} of {preset}'s KLD on these {chunks} chunks of "

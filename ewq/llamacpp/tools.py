@@ -16,7 +16,6 @@ from pathlib import Path
 from .. import assets
 from ..data import wiki
 from ..fileio import atomic_path, write_text_atomic
-from ..metrics import stats
 from ..processes import run_tool
 from . import toolchain
 
@@ -108,16 +107,13 @@ def chunk_klds(text: str) -> list[float]:
 
 def parse_perplexity(text: str) -> dict:
     """The figures of PERPLEXITY_FIGURES that a llama-perplexity run printed. Against a base, also
-    "kld_chunks": the KLD's mean over chunks with its SE across chunks ({"mean", "se", "n"}), and
-    "kld_per_chunk", each chunk's own (for comparisons paired over chunks).
-    llama-perplexity's own SE treats every scored token as independent; the tokens of one chunk are
-    not, and which text was read varies from chunk to chunk, so the SE across chunks is the one that says
-    how far another text of the same kind may land."""
+    "kld_per_chunk": each chunk's own KLD (chunk_klds), for an SE across chunks (stats.mean_se) and
+    comparisons paired over chunks. llama-perplexity's own SE treats every scored token as independent;
+    the tokens of one chunk are not, and which text was read varies from chunk to chunk, so the SE across
+    chunks is the one that says how far another text of the same kind may land."""
     parsed: dict = {}
     per_chunk = chunk_klds(text)
-    if len(per_chunk) >= 2:
-        across = stats.mean_se(per_chunk)
-        parsed["kld_chunks"] = {"mean": across.mean, "se": across.se, "n": across.n}
+    if per_chunk:
         parsed["kld_per_chunk"] = per_chunk
     for key, pattern in PERPLEXITY_FIGURES.items():
         match = re.search(pattern, text)
